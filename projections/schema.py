@@ -1,0 +1,103 @@
+"""The SQLite read models: tables, and the codecs between rows and the core's structs.
+
+Times are stored as fixed-width RFC 3339 UTC text, so text order is time order.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Final
+
+import msgspec
+
+from ledger.fold import Entry
+from ledger.machine import Run, Sweep
+
+SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS checkpoint (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    last_seq INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO checkpoint (id, last_seq) VALUES (1, 0);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY, sweep_id TEXT, state TEXT NOT NULL, attempt INTEGER NOT NULL,
+    created_at TEXT, started_at TEXT, ended_at TEXT, last_heartbeat_at TEXT,
+    step INTEGER, progress REAL, exit_code INTEGER, signal INTEGER,
+    preempting INTEGER NOT NULL, reproduced_from TEXT, seq INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS runs_by_sweep ON runs (sweep_id, state);
+CREATE INDEX IF NOT EXISTS runs_by_state ON runs (state);
+CREATE TABLE IF NOT EXISTS sweeps (
+    sweep_id TEXT PRIMARY KEY, state TEXT NOT NULL, created_at TEXT, updated_at TEXT,
+    seq INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS history (
+    kind TEXT NOT NULL, entity_id TEXT NOT NULL, seq INTEGER NOT NULL,
+    state TEXT NOT NULL, at TEXT NOT NULL, recorded_at TEXT NOT NULL,
+    event_id TEXT NOT NULL, event_type TEXT NOT NULL, reason TEXT,
+    PRIMARY KEY (kind, entity_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS seen (
+    event_id TEXT PRIMARY KEY, seq INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS quarantine (
+    seq INTEGER PRIMARY KEY, subject TEXT NOT NULL, reason TEXT NOT NULL,
+    raw BLOB NOT NULL, recorded_at TEXT NOT NULL
+);
+"""
+
+VIEW_TABLES: Final = ("runs", "sweeps", "history", "seen", "quarantine", "checkpoint")
+RUN_COLUMNS: Final = Run.__struct_fields__
+SWEEP_COLUMNS: Final = Sweep.__struct_fields__
+ENTRY_COLUMNS: Final = Entry.__struct_fields__
+
+
+def iso(value: datetime | None) -> str | None:
+    """Fixed-width RFC 3339 UTC text, microsecond precision."""
+    if value is None:
+        return None
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return iso(value)
+    if isinstance(value, bool):
+        return int(value)
+    return value
+
+
+def run_row(run: Run) -> tuple[Any, ...]:
+    return tuple(_cell(getattr(run, name)) for name in RUN_COLUMNS)
+
+
+def sweep_row(sweep: Sweep) -> tuple[Any, ...]:
+    return tuple(_cell(getattr(sweep, name)) for name in SWEEP_COLUMNS)
+
+
+def entry_row(kind: str, entity_id: str, entry: Entry) -> tuple[Any, ...]:
+    return (kind, entity_id, *(_cell(getattr(entry, name)) for name in ENTRY_COLUMNS))
+
+
+def run_from_row(row: tuple[Any, ...] | Any) -> Run:
+    return msgspec.convert(dict(zip(RUN_COLUMNS, row)), Run, strict=False)
+
+
+def sweep_from_row(row: tuple[Any, ...] | Any) -> Sweep:
+    return msgspec.convert(dict(zip(SWEEP_COLUMNS, row)), Sweep, strict=False)
+
+
+def entry_from_row(row: tuple[Any, ...] | Any) -> Entry:
+    return msgspec.convert(dict(zip(ENTRY_COLUMNS, row)), Entry, strict=False)
+
+
+UPSERT_RUN: Final = (
+    f"INSERT OR REPLACE INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({', '.join('?' * len(RUN_COLUMNS))})"
+)
+UPSERT_SWEEP: Final = (
+    f"INSERT OR REPLACE INTO sweeps ({', '.join(SWEEP_COLUMNS)}) VALUES ({', '.join('?' * len(SWEEP_COLUMNS))})"
+)
+INSERT_ENTRY: Final = (
+    f"INSERT OR REPLACE INTO history (kind, entity_id, {', '.join(ENTRY_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * (len(ENTRY_COLUMNS) + 2))})"
+)
