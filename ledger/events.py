@@ -213,6 +213,10 @@ def decode_event(subject: str, data: bytes | memoryview) -> AnyEvent:
         raise InvalidEvent(f"invalid event: {exc}") from exc
     except msgspec.DecodeError as exc:
         raise InvalidEvent(f"not JSON: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise InvalidEvent(f"not UTF-8: {exc}") from exc
+    except RecursionError as exc:
+        raise InvalidEvent(f"nested too deeply: {exc}") from exc
     parts = subject.split(".")
     expected = subject_of(event)
     if len(parts) != 4 or subject != expected:
