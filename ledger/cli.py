@@ -211,3 +211,7 @@ def sweeps_show(sweep_id: str, http: str, as_json: bool) -> None:
     """Show one sweep: state, runs per state, preemption queue."""
     data = _get(http, f"/sweeps/{sweep_id}")
     _emit_json(data) if as_json else tables.print_record(console, f"sweep {sweep_id}", data)
+
+
+if __name__ == "__main__":
+    main()

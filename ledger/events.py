@@ -16,14 +16,14 @@ from msgspec import Meta
 
 from ledger.errors import InvalidEvent
 
-EventId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
-EntityId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
+EventId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}\Z")]
+EntityId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,128}\Z")]
 UtcTime = Annotated[datetime, Meta(tz=True)]
 Attempt = Annotated[int, Meta(ge=1)]
 ResumeMode: TypeAlias = Literal["never", "allow", "must", "auto"]
 
-ENTITY_ID_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
-EVENT_ID_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+ENTITY_ID_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,128}\Z")
+EVENT_ID_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 MAX_EVENT_BYTES: Final = 64 * 1024
 """Payloads above this are quarantined: lifecycle events are small facts."""
 

