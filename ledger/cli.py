@@ -16,7 +16,7 @@ from ledger import tables
 from ledger.errors import LedgerError
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 nats_url_option = click.option("--nats-url", envvar="LEDGER_NATS_URL", default=None,
                                help="NATS server URL  [env LEDGER_NATS_URL; default nats://127.0.0.1:4222]")

@@ -7,8 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-RUN_COLUMNS = ("run_id", "sweep_id", "state", "attempt", "step", "progress", "exit_code",
-               "last_heartbeat_at", "started_at", "ended_at")
+RUN_COLUMNS = ("run_id", "sweep_id", "state", "attempt", "step", "progress", "exit_code", "last_heartbeat_at")
 STATE_STYLE = {
     "running": "green", "finished": "bold green", "failed": "red", "crashed": "bold red",
     "killed": "magenta", "preempted": "yellow", "pending": "dim", "initializing": "cyan",
@@ -24,13 +23,15 @@ def _cell(key: str, value: Any) -> str:
         return f"[{style}]{value}[/]" if style else str(value)
     if key == "progress" and isinstance(value, float):
         return f"{value:.0%}"
+    if key.endswith("_at") and isinstance(value, str) and len(value) >= 19:
+        return value[:19].replace("T", " ")  # full precision is in --json
     return str(value)
 
 
 def table(title: str, columns: tuple[str, ...] | list[str], rows: list[dict[str, Any]]) -> Table:
     out = Table(title=title, title_justify="left")
     for col in columns:
-        out.add_column(col, no_wrap=col.endswith("_id"))
+        out.add_column(col, no_wrap=col.endswith("_id") or col in ("state", "event_type"), overflow="fold")
     for row in rows:
         out.add_row(*(_cell(col, row.get(col)) for col in columns))
     return out

@@ -18,6 +18,7 @@ import aiosqlite
 import uvicorn
 from litestar import Litestar, Request, Response, get
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
+from litestar.params import FromPath
 from litestar.status_codes import HTTP_400_BAD_REQUEST, HTTP_500_INTERNAL_SERVER_ERROR
 from nats.js import JetStreamContext
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -123,7 +124,7 @@ async def list_runs(request: Request[Any, Any, Any]) -> dict[str, Any]:
 
 
 @get("/runs/{run_id:str}")
-async def get_run(request: Request[Any, Any, Any], run_id: str) -> Run:
+async def get_run(request: Request[Any, Any, Any], run_id: FromPath[str]) -> Run:
     run = await queries.get_run(_db(request), _check_id(run_id, "run id"))
     if run is None:
         raise NotFoundException(f"unknown run {run_id!r}")
@@ -131,7 +132,7 @@ async def get_run(request: Request[Any, Any, Any], run_id: str) -> Run:
 
 
 @get("/runs/{run_id:str}/history")
-async def run_history(request: Request[Any, Any, Any], run_id: str) -> dict[str, Any]:
+async def run_history(request: Request[Any, Any, Any], run_id: FromPath[str]) -> dict[str, Any]:
     db = _db(request)
     entries = await queries.history(db, "run", _check_id(run_id, "run id"))
     if not entries and await queries.get_run(db, run_id) is None:
@@ -145,7 +146,7 @@ async def list_sweeps(request: Request[Any, Any, Any]) -> dict[str, Any]:
 
 
 @get("/sweeps/{sweep_id:str}")
-async def get_sweep(request: Request[Any, Any, Any], sweep_id: str) -> queries.SweepView:
+async def get_sweep(request: Request[Any, Any, Any], sweep_id: FromPath[str]) -> queries.SweepView:
     sweep = await queries.get_sweep(_db(request), _check_id(sweep_id, "sweep id"))
     if sweep is None:
         raise NotFoundException(f"unknown sweep {sweep_id!r}")
@@ -153,7 +154,7 @@ async def get_sweep(request: Request[Any, Any, Any], sweep_id: str) -> queries.S
 
 
 @get("/sweeps/{sweep_id:str}/history")
-async def sweep_history(request: Request[Any, Any, Any], sweep_id: str) -> dict[str, Any]:
+async def sweep_history(request: Request[Any, Any, Any], sweep_id: FromPath[str]) -> dict[str, Any]:
     db = _db(request)
     entries = await queries.history(db, "sweep", _check_id(sweep_id, "sweep id"))
     if not entries:
