@@ -6,7 +6,6 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from ledger import events as ev

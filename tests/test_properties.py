@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from msgspec.structs import replace
 
 from ledger.events import (
-    RUN_EVENT_TYPES, SWEEP_EVENT_TYPES, AnyEvent, RunEvent, RunStarted, decode_event, encode_event,
-    subject_of,
+    RUN_EVENT_TYPES, SWEEP_EVENT_TYPES, AnyEvent, RunCrashed, RunEvent, RunExited, RunHeartbeat,
+    RunPreempting, RunStarted, decode_event, encode_event, subject_of,
 )
 from ledger.fold import Entry, Recorded, Views
 from ledger.machine import SWEEP_TERMINAL, TERMINAL, Run, Sweep, effect, evolve, evolve_sweep
@@ -100,7 +100,7 @@ def structs(cls: type, pools: Pools | None = None) -> st.SearchStrategy[Any]:
     return from_type_info(mi.type_info(cls), pools=pools)
 
 
-RUN_IDS = ("r1", "r2", "r3")
+RUN_IDS = ("r1", "r2")
 SWEEP_IDS = ("s1", "s2")
 TIMES = (
     EPOCH,
@@ -112,8 +112,8 @@ TIMES = (
 )
 POOLS = Pools(
     by_field={
-        "id": st.sampled_from([f"e{i}" for i in range(40)]),
-        "cause": st.sampled_from([f"e{i}" for i in range(40)]),
+        "id": st.integers(0, 10**6).map(lambda n: f"e{n}"),
+        "cause": st.integers(0, 10**6).map(lambda n: f"e{n}"),
         "run_id": st.sampled_from(RUN_IDS),
         "reproduced_from": st.sampled_from(RUN_IDS),
         "sweep_id": st.sampled_from(SWEEP_IDS),
@@ -123,7 +123,7 @@ POOLS = Pools(
         "started_at": st.sampled_from(TIMES),
         "ended_at": st.sampled_from(TIMES),
         "updated_at": st.sampled_from(TIMES),
-        "attempt": st.integers(1, 3),
+        "attempt": st.sampled_from([1, 1, 2, 3]),
         "exit_code": st.sampled_from([0, 1, 137, 143]),
         "signal": st.sampled_from([2, 9, 15]),
         "config": st.just({"lr": 0.1}),
@@ -134,10 +134,15 @@ POOLS = Pools(
 any_event = st.one_of(*(structs(cls) for cls in RUN_EVENT_TYPES + SWEEP_EVENT_TYPES))
 """Any valid event, with unconstrained ids and times."""
 run_events = st.one_of(*(structs(cls, POOLS) for cls in RUN_EVENT_TYPES))
+lifecycle_events = st.one_of(
+    *(structs(cls, POOLS) for cls in (RunStarted, RunHeartbeat, RunPreempting, RunExited, RunCrashed))
+)
+"""The run events that move runs the most, drawn more often so streams reach every state."""
 sweep_events = st.one_of(*(structs(cls, POOLS) for cls in SWEEP_EVENT_TYPES))
-pooled_events = st.one_of(run_events, run_events, run_events, sweep_events)
-"""Events of a few runs and sweeps, three run events to one sweep event."""
-event_lists = st.lists(pooled_events, max_size=40)
+pooled_events = st.one_of(run_events, lifecycle_events, lifecycle_events, sweep_events)
+"""Events of two runs and two sweeps."""
+event_lists = st.lists(pooled_events, max_size=8) | st.lists(pooled_events, min_size=20, max_size=60)
+"""Short streams, and long ones where runs live through several attempts."""
 runs = structs(Run, POOLS)
 sweeps = structs(Sweep, POOLS)
 
@@ -159,7 +164,7 @@ def state(views: Views) -> tuple[dict[str, Run], dict[str, Sweep], list[tuple[st
 
 class TestFold:
     @settings(max_examples=300)
-    @given(events=event_lists, cuts=st.lists(st.integers(0, 40), max_size=8))
+    @given(events=event_lists, cuts=st.lists(st.integers(0, 60), max_size=8))
     def test_batches_fold_like_one_by_one(self, events: list[AnyEvent], cuts: list[int]) -> None:
         """Folding in batches, carrying only what a projector stores between them, equals one fold."""
         stream = record(events)

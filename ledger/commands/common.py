@@ -1,0 +1,64 @@
+"""What every command shares: options, output, errors, and reading the HTTP API."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, NoReturn
+
+import click
+import httpx
+from rich.console import Console
+
+from ledger.errors import LedgerError
+
+console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
+
+nats_url_option = click.option("--nats-url", envvar="LEDGER_NATS_URL", default=None,
+                               help="NATS server URL  [env LEDGER_NATS_URL; default nats://127.0.0.1:4222]")
+http_option = click.option("--http", "http", envvar="LEDGER_HTTP", default="127.0.0.1:8480", show_default=True,
+                           help="HOST:PORT of the ledger HTTP API  [env LEDGER_HTTP]")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    sys.exit(code)
+
+
+class LedgerGroup(click.Group):
+    """Turns LedgerError anywhere below into one clear line and exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except LedgerError as exc:
+            fail(str(exc))
+
+
+def api_get(http: str, path: str, params: dict[str, Any] | None = None) -> Any:
+    url = f"http://{http}{path}"
+    try:
+        resp = httpx.get(url, params={k: v for k, v in (params or {}).items() if v is not None}, timeout=10)
+    except httpx.HTTPError as exc:
+        fail(f"cannot reach the ledger API at http://{http} ({type(exc).__name__}); is `ledger up` running?")
+    if resp.status_code >= 400:
+        try:
+            message = resp.json().get("error", resp.text)
+        except ValueError:
+            message = resp.text
+        fail(message)
+    return resp.json()
+
+
+def print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2))
+
+
+
+
+def nats_url_or_default(url: str | None) -> str:
+    from ledger.stream import DEFAULT_NATS_URL
+
+    return url or DEFAULT_NATS_URL
