@@ -6,17 +6,23 @@ Starts its own embedded nats-server (temp dir, free port) and measures, as
 the median of ``--reps`` repetitions on a fresh LEDGER stream / fresh SQLite
 file each time:
 
-1. publish rate of a realistic event mix through ``ledger.publisher.Publisher``
-   vs ceiling A: raw ``js.publish_async`` of the same pre-encoded payloads;
+1. publish rate of a realistic, seeded event mix (pre-generated) through
+   ``ledger.publisher.Publisher`` vs ceiling A: raw nats-py ``js.publish_async``
+   of the same pre-encoded payloads; plus a wire ceiling (core ``nc.publish``
+   with reply subjects, acks counted), since ``publish_async`` is no ceiling;
 2. projection rate of ``projections.projector.Projector.run(until_idle=True)``
-   vs ceiling B: the same ``OrderedReader`` + ``msgspec`` decode + stdlib
-   ``sqlite3.executemany`` of raw rows into one table, 5,000 per transaction;
-3. ``GET /runs/{id}`` latency (p50/p99) of the API over >= 100k projected runs,
-   with the HTTP client in a separate process.
+   vs ceiling B: ``ledger.stream.OrderedReader`` + ``msgspec`` decode + stdlib
+   ``sqlite3.executemany`` of raw rows into one table, 5,000 per transaction
+   (and the same with the Projector's own reader class when it uses another).
+   Every projection run is checked complete (every event applied, final run
+   states as the contract says); a run that lost events is reported and its
+   rate discarded;
+3. ``GET /runs/{id}`` latency (p50/p99) of the API, served in this process,
+   over >= 100k projected runs, with the HTTP client in a separate process.
 
 Usage:
-    .venv/bin/python bench/foundation.py            # full run (~5-10 min on 2 cores)
-    .venv/bin/python bench/foundation.py --quick    # smoke run
+    .venv/bin/python bench/foundation.py            # full run (~2 min on 2 cores)
+    .venv/bin/python bench/foundation.py --quick    # smoke run (~10 s)
     .venv/bin/python bench/foundation.py --json     # figures as one JSON object
 """
 
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import math
@@ -42,9 +49,9 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
@@ -64,7 +71,7 @@ def ulid(rng: random.Random, ms: int) -> str:
     return "".join(reversed(out))
 
 
-BASE_TIME = datetime(2025, 3, 3, 8, 0, tzinfo=timezone.utc)
+BASE_TIME = datetime(2025, 3, 3, 8, 0, tzinfo=UTC)
 BASE_MS = int(BASE_TIME.timestamp() * 1000)
 HEARTBEAT_EVERY_S = 30.0
 TARGET_CONCURRENCY = 200  # runs alive at once, on average: decides how runs interleave in the stream
@@ -77,6 +84,33 @@ class Mix:
     type_counts: Counter[str]
     n_runs: int
     n_sweeps: int
+
+
+class _RunWriter:
+    """Appends one run's events to the mix: (time, run index, index within the run, event)."""
+
+    def __init__(self, items: list[tuple[float, int, int, Any]], k: int, run_id: str, t0: float,
+                 total_steps: int, rng: random.Random, at: Any, eid: Any) -> None:
+        self.items, self.k, self.run_id, self.t = items, k, run_id, t0
+        self.total_steps, self.rng, self.at, self.eid = total_steps, rng, at, eid
+        self.j = 0
+        self.step = 0
+
+    def put(self, after: float, cls: type, **fields: Any) -> None:
+        """An event ``after`` seconds after the run's previous one."""
+        self.t += after
+        t = self.t
+        self.items.append((t, self.k, self.j, cls(id=self.eid(t), at=self.at(t), run_id=self.run_id, **fields)))
+        self.j += 1
+
+    def beats(self, count: int, attempt: int) -> None:
+        """``count`` heartbeats, ~30 s apart, with step and progress."""
+        from ledger import events as ev
+
+        for _ in range(count):
+            self.step += 100
+            self.put(HEARTBEAT_EVERY_S + self.rng.uniform(-3.0, 3.0), ev.RunHeartbeat, attempt=attempt,
+                     step=self.step, progress=round(min(1.0, self.step / self.total_steps), 4))
 
 
 def generate_mix(n_events: int, n_runs: int, seed: int) -> Mix:
@@ -161,64 +195,36 @@ def generate_mix(n_events: int, n_runs: int, seed: int) -> Mix:
         return ulid(rng, BASE_MS + int(t * 1000))
 
     for k, (rid, (outcome, resumed, sweep), t0, n_hb) in enumerate(zip(run_ids, plans, starts, hb)):
-        j = 0
-
-        def put(t: float, cls: type, **fields: Any) -> None:
-            nonlocal j
-            items.append((t, k, j, cls(id=eid(t), at=at(t), run_id=rid, **fields)))
-            j += 1
-
+        run = _RunWriter(items, k, rid, t0, n_hb * 100, rng, at, eid)
         lr = rng.choice([1e-4, 3e-4, 1e-3, 3e-3])
         bs = rng.choice([32, 64, 128, 256])
         model = rng.choice(models)
-        put(t0, ev.RunQueued, sweep_id=sweep, config={"lr": lr, "batch_size": bs, "model": model})
-        t = t0 + rng.uniform(2.0, 60.0)
-        host = rng.choice(hosts)
+        run.put(0.0, ev.RunQueued, sweep_id=sweep, config={"lr": lr, "batch_size": bs, "model": model})
         cmd = ["python", "train.py", "--model", model, "--lr", str(lr), "--batch-size", str(bs)]
-        put(t, ev.RunStarted, attempt=1, sweep_id=sweep, host=host, pid=rng.randint(1000, 400000), command=cmd)
+        run.put(rng.uniform(2.0, 60.0), ev.RunStarted, attempt=1, sweep_id=sweep, host=rng.choice(hosts),
+                pid=rng.randint(1000, 400000), command=cmd)
         n1 = max(1, n_hb // 2) if resumed else n_hb
-        total_steps = n_hb * 100
-        step = 0
-
-        def beats(count: int, attempt: int) -> None:
-            nonlocal t, step
-            for _ in range(count):
-                t += HEARTBEAT_EVERY_S + rng.uniform(-3.0, 3.0)
-                step += 100
-                put(t, ev.RunHeartbeat, attempt=attempt, step=step, progress=round(min(1.0, step / total_steps), 4))
-
-        beats(n1, 1)
+        run.beats(n1, 1)
         if outcome == "finished":
-            t += rng.uniform(1.0, 20.0)
-            put(t, ev.RunExited, attempt=1, exit_code=0)
+            run.put(rng.uniform(1.0, 20.0), ev.RunExited, attempt=1, exit_code=0)
         elif outcome == "failed":
-            t += rng.uniform(1.0, 20.0)
-            put(t, ev.RunExited, attempt=1, exit_code=1)
-        elif outcome == "crashed":
+            run.put(rng.uniform(1.0, 20.0), ev.RunExited, attempt=1, exit_code=1)
+        elif outcome == "crashed":  # the monitor's event: no attempt, the last heartbeat it saw
             last_hb = items[-1][3].at
-            t += 300.0 + rng.uniform(1.0, 30.0)
-            items.append((t, k, j, ev.RunCrashed(id=eid(t), at=at(t), run_id=rid, reason="heartbeat-timeout",
-                                                 last_heartbeat_at=last_hb)))
-            j += 1
+            run.put(300.0 + rng.uniform(1.0, 30.0), ev.RunCrashed, reason="heartbeat-timeout",
+                    last_heartbeat_at=last_hb)
         elif outcome == "killed":
-            t += rng.uniform(1.0, 20.0)
-            put(t, ev.RunKilled, attempt=1, reason="user-request")
-            t += rng.uniform(0.05, 2.0)
-            put(t, ev.RunExited, attempt=1, exit_code=137, signal=9)
-        else:  # preempted
-            t += rng.uniform(1.0, 20.0)
-            put(t, ev.RunSignalled, attempt=1, signal=15, name="SIGTERM", handled=True)
-            t += rng.uniform(0.01, 0.2)
-            put(t, ev.RunPreempting, attempt=1)
-            t += rng.uniform(1.0, 30.0)
-            put(t, ev.RunExited, attempt=1, exit_code=143, signal=15)
+            run.put(rng.uniform(1.0, 20.0), ev.RunKilled, attempt=1, reason="user-request")
+            run.put(rng.uniform(0.05, 2.0), ev.RunExited, attempt=1, exit_code=137, signal=9)
+        else:  # preempted: SIGTERM, preempting, exit 143 by signal 15; maybe resumed as attempt 2
+            run.put(rng.uniform(1.0, 20.0), ev.RunSignalled, attempt=1, signal=15, name="SIGTERM", handled=True)
+            run.put(rng.uniform(0.01, 0.2), ev.RunPreempting, attempt=1)
+            run.put(rng.uniform(1.0, 30.0), ev.RunExited, attempt=1, exit_code=143, signal=15)
             if resumed:
-                t += rng.uniform(60.0, 600.0)
-                put(t, ev.RunStarted, attempt=2, sweep_id=sweep, resume="auto", host=rng.choice(hosts),
-                    pid=rng.randint(1000, 400000), command=cmd)
-                beats(n_hb - n1, 2)
-                t += rng.uniform(1.0, 20.0)
-                put(t, ev.RunExited, attempt=2, exit_code=0)
+                run.put(rng.uniform(60.0, 600.0), ev.RunStarted, attempt=2, sweep_id=sweep, resume="auto",
+                        host=rng.choice(hosts), pid=rng.randint(1000, 400000), command=cmd)
+                run.beats(n_hb - n1, 2)
+                run.put(rng.uniform(1.0, 20.0), ev.RunExited, attempt=2, exit_code=0)
 
     end = max(x[0] for x in items) + 60.0
     for i, sw in enumerate(sweeps):
@@ -263,7 +269,7 @@ def generate_starts(n_runs: int, seed: int) -> tuple[list[Any], list[str]]:
 # --------------------------------------------------------------------------- measurements
 
 def median(xs: list[float]) -> float:
-    return float(statistics.median(xs))
+    return float(statistics.median(xs)) if xs else float("nan")
 
 
 def nearest_rank(sorted_xs: list[float], q: float) -> float:
@@ -296,7 +302,8 @@ async def bench_publisher(nc: Any, events: list[Any]) -> float:
 
     pub = Publisher(nc)
     try:
-        await pub._ensure_inbox()  # subscribe the reply inbox before the clock starts (a one-time setup)
+        if hasattr(pub, "_ensure_inbox"):  # subscribe the reply inbox before the clock starts (one-time setup)
+            await pub._ensure_inbox()
         gc.collect()
         t0 = time.perf_counter()
         futures = [await pub.submit(e) for e in events]
@@ -323,7 +330,7 @@ async def bench_raw_publish(js_raw: Any, prepared: list[tuple[str, bytes, str]])
 
 
 async def bench_bare_publish(nc: Any, prepared: list[tuple[str, bytes, str]], window: int = 20_000) -> float:
-    """Wire floor: core nc.publish with a per-message reply subject under one wildcard
+    """Wire ceiling: core nc.publish with a per-message reply subject under one wildcard
     inbox, acks counted (not parsed), at most ``window`` in flight."""
     prefix = nc.new_inbox() + "."
     total = len(prepared)
@@ -355,27 +362,81 @@ async def bench_bare_publish(nc: Any, prepared: list[tuple[str, bytes, str]], wi
     finally:
         await sub.unsubscribe()
     if errors:
-        raise RuntimeError(f"wire floor: {errors} publishes refused")
+        raise RuntimeError(f"wire ceiling: {errors} publishes refused")
     return elapsed
+
+
+class LostEvents(Exception):
+    """A projection run that skipped or never received part of the stream (see the report)."""
+
+
+STALL_S = 15.0
 
 
 async def bench_projector(js: Any, db_path: Path, total: int) -> float:
+    """Seconds for Projector.run(until_idle=True) over the whole stream, then checked for completeness.
+
+    A watchdog cancels the run when its checkpoint stops moving for STALL_S (until_idle
+    otherwise waits forever for messages the reader lost); both that and a checkpoint
+    reached with events skipped raise LostEvents.
+    """
     from projections.projector import Projector
 
+    projector = Projector(js, db_path)
     gc.collect()
     t0 = time.perf_counter()
-    checkpoint = await Projector(js, db_path).run(until_idle=True)
+    task = asyncio.create_task(projector.run(until_idle=True))
+    last, moved = -1, t0
+    while not task.done():
+        await asyncio.wait({task}, timeout=0.25)
+        now, seq = time.perf_counter(), projector.notifier.last_seq
+        if seq != last:
+            last, moved = seq, now
+        elif not task.done() and now - moved > STALL_S:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            seen = _count(db_path, "seen")
+            raise LostEvents(f"stalled at checkpoint {seq:,} of {total:,} ({total - seen:,} events never applied)")
+    checkpoint = task.result()
     elapsed = time.perf_counter() - t0
-    if checkpoint != total:
-        raise RuntimeError(f"projector stopped at {checkpoint}, stream has {total}")
+    seen, quarantined = _count(db_path, "seen"), _count(db_path, "quarantine")
+    if checkpoint != total or seen != total or quarantined:
+        raise LostEvents(f"checkpoint {checkpoint:,} of {total:,} but {total - seen:,} events skipped silently"
+                         + (f", {quarantined} quarantined" if quarantined else ""))
     return elapsed
+
+
+def _count(db_path: Path, table: str) -> int:
+    con = sqlite3.connect(db_path)
+    try:
+        return int(con.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+    finally:
+        con.close()
 
 
 RAW_BATCH = 5000
 
 
-async def bench_raw_projector(js: Any, db_path: Path, total: int) -> float:
-    """Ceiling B: ordered read + msgspec decode + executemany of raw rows, 5,000 per transaction."""
+def projector_reader() -> type:
+    """The reader class the project's Projector reads with (the working tree may change it)."""
+    import projections.projector as module
+    from ledger import stream
+
+    for name in ("PullReader", "OrderedReader"):
+        cls = getattr(module, name, None)
+        if isinstance(cls, type) and getattr(stream, name, None) is cls:
+            return cast(type, cls)
+    raise RuntimeError("cannot tell which ledger.stream reader projections.projector uses")
+
+
+async def bench_raw_projector(js: Any, db_path: Path, total: int, reader_cls: type | None = None) -> float:
+    """Ceiling B: ordered read + msgspec decode + executemany of raw rows, 5,000 per transaction.
+
+    The reader is ``ledger.stream.OrderedReader`` (an ordered push consumer) unless ``reader_cls`` is given.
+    """
     from ledger.events import AnyEvent, RunEvent
     from ledger.stream import OrderedReader
 
@@ -388,15 +449,15 @@ async def bench_raw_projector(js: Any, db_path: Path, total: int) -> float:
     insert = "INSERT INTO events (seq, entity_id, type, payload) VALUES (?, ?, ?, ?)"
     gc.collect()
     t0 = time.perf_counter()
-    reader = OrderedReader(js, 1)
+    reader = (reader_cls or OrderedReader)(js, 1)
     await reader.start()
     try:
         rows: list[tuple[int, str, str, bytes]] = []
         done = 0
         while done < total:
-            batch = await reader.next_batch(RAW_BATCH - len(rows), 10.0)
+            batch = await reader.next_batch(RAW_BATCH - len(rows), STALL_S)
             if not batch:
-                raise RuntimeError(f"raw projector stalled at seq {done}")
+                raise LostEvents(f"stalled at seq {done:,} of {total:,}")
             for m in batch:
                 e = decode(m.data)
                 key = e.run_id if isinstance(e, RunEvent) else e.sweep_id
@@ -408,6 +469,9 @@ async def bench_raw_projector(js: Any, db_path: Path, total: int) -> float:
                 done = rows[-1][0]
                 rows = []
         elapsed = time.perf_counter() - t0
+        (count,) = con.execute("SELECT count(*) FROM events").fetchone()
+        if count != total:
+            raise LostEvents(f"reached seq {done:,} of {total:,} but {total - count:,} events skipped silently")
     finally:
         await reader.stop()
         con.close()
@@ -439,7 +503,7 @@ def _http_client(base_url: str, ids: list[str], warmup: int, conn: Any) -> None:
                 if r.status_code != 200 or r.json().get("run_id") != rid:
                     bad += 1
         conn.send(("ok", lat, bad))
-    except BaseException as exc:  # report, don't hang the parent
+    except BaseException as exc:  # noqa: BLE001 - report anything to the parent rather than hang it
         conn.send(("error", repr(exc), 0))
     finally:
         conn.close()
@@ -481,7 +545,7 @@ async def bench_api(db_path: Path, ids: list[str], warmup: int) -> tuple[float, 
         server.should_exit = True
         try:
             await asyncio.wait_for(serve, 10)
-        except (asyncio.TimeoutError, asyncio.CancelledError):
+        except (TimeoutError, asyncio.CancelledError):
             serve.cancel()
 
 
@@ -491,28 +555,62 @@ async def bench_api(db_path: Path, ids: list[str], warmup: int) -> tuple[float, 
 class Figures:
     publisher: list[float] = field(default_factory=list)      # events/s
     raw_publish: list[float] = field(default_factory=list)
-    projector: list[float] = field(default_factory=list)
+    wire_publish: list[float] = field(default_factory=list)
+    reader: str = ""                                           # the reader class the Projector uses
+    projector: list[float] = field(default_factory=list)       # complete runs only
+    raw_same: list[float] = field(default_factory=list)        # ceiling B with the Projector's reader
     raw_projector: list[float] = field(default_factory=list)
     api_p50: list[float] = field(default_factory=list)        # ms
     api_p99: list[float] = field(default_factory=list)
     api_failures: list[int] = field(default_factory=list)
     api_projection: list[float] = field(default_factory=list)  # events/s, run.started-only stream
     state_check: dict[str, Any] = field(default_factory=dict)
+    lost: list[str] = field(default_factory=list)              # projection attempts that lost events
+    attempts: dict[str, int] = field(default_factory=dict)     # projection attempts made, per kind
 
 
-async def run_bench(args: argparse.Namespace, url: str, work: Path, say: Any) -> tuple[Figures, Mix]:
+def _unlink_db(db: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+
+
+@dataclass
+class Workload:
+    mix: Mix
+    prepared: list[tuple[str, bytes, str]]         # (subject, payload, event id) of the mix, pre-encoded
+    starts_prepared: list[tuple[str, bytes, str]]  # the read views' run.started events, pre-encoded
+    api_ids: list[str]
+
+
+def build_workload(args: argparse.Namespace) -> Workload:
     from ledger.events import encode_event, subject_of
-    from ledger.stream import connect
 
-    say(f"generating {args.events:,} events over {args.runs:,} runs (seed {args.seed})")
     mix = generate_mix(args.events, args.runs, args.seed)
-    prepared = [(subject_of(e), encode_event(e), e.id) for e in mix.events]
     starts, api_ids = generate_starts(args.api_runs, args.seed + 1)
-    starts_prepared = [(subject_of(e), encode_event(e), e.id) for e in starts]
-    rng = random.Random(args.seed + 2)
+    return Workload(mix, [(subject_of(e), encode_event(e), e.id) for e in mix.events],
+                    [(subject_of(e), encode_event(e), e.id) for e in starts], api_ids)
 
+
+async def run_bench(args: argparse.Namespace, url: str, work: Path, wl: Workload, say: Any,
+                    on_interrupt: Any) -> tuple[Figures, Mix]:
+    from ledger.stream import OrderedReader, connect
+
+    # Ctrl-C / SIGTERM while the loop runs: cancel this task, so every finally block below runs.
+    me = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+
+    def interrupt() -> None:
+        if on_interrupt():
+            me.cancel()  # type: ignore[union-attr]
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, interrupt)
+
+    mix, prepared, starts_prepared, api_ids = wl.mix, wl.prepared, wl.starts_prepared, wl.api_ids
+    rng = random.Random(args.seed + 2)
+    same_reader = projector_reader()
     nc = await connect(url, name="ledger-bench", reconnect=False)
-    fig = Figures()
+    fig = Figures(reader=same_reader.__name__)
     try:
         js = nc.jetstream()
         js_raw = nc.jetstream(publish_async_max_pending=20_000)  # the Publisher's default in-flight window
@@ -520,59 +618,81 @@ async def run_bench(args: argparse.Namespace, url: str, work: Path, say: Any) ->
         for rep in range(args.reps):
             tag = f"[rep {rep + 1}/{args.reps}]"
             # Publish: both orders alternate across reps, each on a fresh stream.
-            order = ("publisher", "raw") if rep % 2 == 0 else ("raw", "publisher")
+            order = ["publisher", "raw", "wire"] if rep % 2 == 0 else ["wire", "raw", "publisher"]
             for which in order:
                 await fresh_stream(js)
                 if which == "publisher":
                     secs = await bench_publisher(nc, mix.events)
                     fig.publisher.append(n / secs)
-                else:
+                elif which == "raw":
                     secs = await bench_raw_publish(js_raw, prepared)
                     fig.raw_publish.append(n / secs)
+                else:
+                    secs = await bench_bare_publish(nc, prepared)
+                    fig.wire_publish.append(n / secs)
                 await check_stream(js, n)
                 say(f"{tag} publish {which:9s} {n / secs:>10,.0f} ev/s")
-            # Projection of the same stream: both orders alternate, fresh database files.
-            order = ("projector", "raw") if rep % 2 == 0 else ("raw", "projector")
+            # Projection of the same stream, fresh database files, order alternating across reps:
+            # the project's Projector, ceiling B (OrderedReader) and, when the Projector reads with
+            # another reader, ceiling B with that reader. Every run is checked complete; a run that
+            # lost events is reported, its rate discarded, and retried up to --attempts times.
+            kinds = ["projector", "raw"] + (["raw-same"] if same_reader is not OrderedReader else [])
+            order = kinds if rep % 2 == 0 else kinds[::-1]
             for which in order:
-                db = work / f"{which}-{rep}.sqlite"
-                if which == "projector":
-                    secs = await bench_projector(js, db, n)
-                    fig.projector.append(n / secs)
-                    states = view_states(db)
-                    fig.state_check = {"expected": dict(mix.expected_states), "projected": dict(states),
-                                       "match": states == mix.expected_states}
-                else:
-                    secs = await bench_raw_projector(js, db, n)
-                    fig.raw_projector.append(n / secs)
-                for suffix in ("", "-wal", "-shm"):
-                    Path(f"{db}{suffix}").unlink(missing_ok=True)
-                say(f"{tag} project {which:9s} {n / secs:>10,.0f} ev/s")
+                for attempt in range(1, args.attempts + 1):
+                    db = work / f"{which}-{rep}-{attempt}.sqlite"
+                    fig.attempts[which] = fig.attempts.get(which, 0) + 1
+                    try:
+                        if which == "projector":
+                            secs = await bench_projector(js, db, n)
+                            states = view_states(db)
+                            fig.state_check = {"projected": dict(states), "match": states == mix.expected_states}
+                        else:
+                            secs = await bench_raw_projector(js, db, n, same_reader if which == "raw-same" else None)
+                    except LostEvents as exc:
+                        fig.lost.append(f"rep {rep + 1} {which}: {exc}")
+                        say(f"{tag} project {which:9s} LOST EVENTS: {exc}")
+                        continue
+                    finally:
+                        _unlink_db(db)
+                    {"projector": fig.projector, "raw": fig.raw_projector, "raw-same": fig.raw_same}[which].append(n / secs)
+                    say(f"{tag} project {which:9s} {n / secs:>10,.0f} ev/s")
+                    break
             # Reads: a fresh stream of run.started events for api_runs distinct runs, projected, then served.
             await fresh_stream(js)
             await bench_raw_publish(js_raw, starts_prepared)
-            await check_stream(js, len(starts))
-            db = work / f"api-{rep}.sqlite"
-            secs = await bench_projector(js, db, len(starts))
-            fig.api_projection.append(len(starts) / secs)
-            con = sqlite3.connect(db)
-            (count,) = con.execute("SELECT count(*) FROM runs").fetchone()
-            con.close()
-            if count != args.api_runs:
-                raise RuntimeError(f"views hold {count} runs, expected {args.api_runs}")
-            ids = [rng.choice(api_ids) for _ in range(args.warmup + args.gets)]
-            p50, p99, bad = await bench_api(db, ids, args.warmup)
+            await check_stream(js, len(starts_prepared))
+            for attempt in range(1, args.attempts + 1):
+                db = work / f"api-{rep}-{attempt}.sqlite"
+                fig.attempts["read-views"] = fig.attempts.get("read-views", 0) + 1
+                try:
+                    secs = await bench_projector(js, db, len(starts_prepared))
+                except LostEvents as exc:
+                    fig.lost.append(f"rep {rep + 1} read-views: {exc}")
+                    say(f"{tag} read views: LOST EVENTS: {exc}")
+                    _unlink_db(db)
+                    continue
+                fig.api_projection.append(len(starts_prepared) / secs)
+                break
+            else:
+                say(f"{tag} no complete read views after {args.attempts} attempts: skipping the read benchmark")
+                continue
+            try:
+                count = _count(db, "runs")
+                if count != args.api_runs:
+                    raise RuntimeError(f"views hold {count} runs, expected {args.api_runs}")
+                ids = [rng.choice(api_ids) for _ in range(args.warmup + args.gets)]
+                p50, p99, bad = await bench_api(db, ids, args.warmup)
+            finally:
+                _unlink_db(db)
             fig.api_p50.append(p50)
             fig.api_p99.append(p99)
             fig.api_failures.append(bad)
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{db}{suffix}").unlink(missing_ok=True)
             say(f"{tag} GET /runs/{{id}} over {count:,} runs: p50 {p50:.2f} ms, p99 {p99:.2f} ms"
                 + (f", {bad} FAILED" if bad else ""))
     finally:
-        try:
+        with contextlib.suppress(Exception):  # the server may be gone already (interrupted)
             await asyncio.wait_for(nc.close(), 5)
-        except Exception:
-            pass
     return fig, mix
 
 
@@ -583,8 +703,8 @@ def machine_info(work: Path) -> dict[str, Any]:
 
     try:
         nats_v = subprocess.run([nats_server_binary(), "--version"], capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-    except Exception as exc:
+                                timeout=10, check=False).stdout.strip()
+    except Exception as exc:  # noqa: BLE001 - machine info is best effort
         nats_v = f"unknown ({exc})"
     cpu = "unknown"
     try:
@@ -595,8 +715,9 @@ def machine_info(work: Path) -> dict[str, Any]:
     except OSError:
         pass
     try:
-        fs = subprocess.run(["df", "-T", str(work)], capture_output=True, text=True, timeout=5).stdout.splitlines()[-1].split()[1]
-    except Exception:
+        df = subprocess.run(["df", "-T", str(work)], capture_output=True, text=True, timeout=5, check=False)
+        fs = df.stdout.splitlines()[-1].split()[1]
+    except Exception:  # noqa: BLE001 - machine info is best effort
         fs = "unknown"
     return {
         "nproc": os.cpu_count(),
@@ -622,63 +743,97 @@ def summarize(args: argparse.Namespace, fig: Figures, mix: Mix, info: dict[str, 
                 "paired_ratios": [a / b for a, b in zip(project, raw)]}
 
     total = sum(mix.type_counts.values())
+    shipped_runs = fig.attempts.get("projector", 0)
     return {
         "command": command,
         "params": {"events": args.events, "runs": args.runs, "api_runs": args.api_runs, "gets": args.gets,
-                   "warmup": args.warmup, "reps": args.reps, "seed": args.seed},
+                   "warmup": args.warmup, "reps": args.reps, "seed": args.seed, "attempts": args.attempts},
         "machine": info,
         "mix": {"types": dict(mix.type_counts.most_common()),
                 "heartbeat_share": mix.type_counts["run.heartbeat"] / total,
                 "sweeps": mix.n_sweeps, "expected_final_states": dict(mix.expected_states)},
         "publish_events_per_s": block(fig.publisher, fig.raw_publish),
-        "projection_events_per_s": block(fig.projector, fig.raw_projector),
+        "publish_vs_wire_ceiling_events_per_s": block(fig.publisher, fig.wire_publish),
+        "projector_reader": fig.reader,
+        "projection_events_per_s": {
+            **block(fig.projector, fig.raw_projector),
+            "complete_runs": len(fig.projector), "runs": shipped_runs,
+        },
+        "projection_vs_same_reader_events_per_s": (
+            {**block(fig.projector, fig.raw_same), "reader": fig.reader} if fig.reader != "OrderedReader" else None),
         "get_run_ms": {"p50": median(fig.api_p50), "p99": median(fig.api_p99), "p50_reps": fig.api_p50,
                        "p99_reps": fig.api_p99, "failures": sum(fig.api_failures),
                        "views_runs": args.api_runs, "gets_per_rep": args.gets},
-        "api_setup_projection_events_per_s": {"median": median(fig.api_projection), "reps": fig.api_projection},
-        "state_check": fig.state_check,
+        "read_views_projection_events_per_s": {"median": median(fig.api_projection), "reps": fig.api_projection},
+        "state_check": {"expected": dict(mix.expected_states), **fig.state_check},
+        "projection_attempts": fig.attempts,
+        "lost_events": fig.lost,
         "wall_seconds": wall,
     }
 
 
 def render(s: dict[str, Any]) -> str:
     def reps(xs: list[float], fmt: str) -> str:
-        return " / ".join(format(x, fmt) for x in xs)
+        return " / ".join(format(x, fmt) for x in xs) if xs else "-"
 
-    p, q, g = s["publish_events_per_s"], s["projection_events_per_s"], s["get_run_ms"]
-    m, par, mix = s["machine"], s["params"], s["mix"]
+    def row(label: str, d: dict[str, Any], fmt: str = ",.0f", note: str = "") -> str:
+        left = reps(d["project_reps"], fmt)
+        return (f"{label:<46}{format(d['project'], fmt):>11}{format(d['ceiling'], fmt):>11}{d['ratio']:>7.2f}   "
+                f"{left} | {reps(d['ceiling_reps'], fmt)}{note}")
+
+    p, w, g = s["publish_events_per_s"], s["publish_vs_wire_ceiling_events_per_s"], s["get_run_ms"]
+    q, qs = s["projection_events_per_s"], s["projection_vs_same_reader_events_per_s"]
+    m, par, mix, chk = s["machine"], s["params"], s["mix"], s["state_check"]
+    shipped_note = f"   [{q['complete_runs']} of {q['runs']} runs complete]" if q["complete_runs"] < q["runs"] else ""
+    rdr = s["projector_reader"]
     lines = [
         "run-ledger foundation benchmark",
         f"command : {s['command']}",
         f"machine : nproc={m['nproc']} (affinity {m['affinity']}), {m['cpu']}, {m['platform']}",
-        f"software: Python {m['python']}, {m['nats_server']}, nats-py {m['nats_py']}, msgspec {m['msgspec']}, "
-        f"SQLite {m['sqlite']}; temp dir on {m['tmp_fs']}; loadavg at start {', '.join(f'{x:.2f}' for x in m['loadavg_start'])}",
-        f"workload: {par['events']:,} events over {par['runs']:,} runs and {mix['sweeps']} sweeps "
-        f"(heartbeats {mix['heartbeat_share']:.1%}); median of {par['reps']} reps, fresh stream + DB each",
+        (f"software: Python {m['python']}, {m['nats_server']}, nats-py {m['nats_py']}, msgspec {m['msgspec']}, "
+         f"SQLite {m['sqlite']}; temp dir on {m['tmp_fs']}"),
+        (f"load    : loadavg at start {', '.join(f'{x:.2f}' for x in m['loadavg_start'])}, at end "
+         f"{', '.join(f'{x:.2f}' for x in m.get('loadavg_end', ()))} (a shared, noisy 2-core machine)"),
+        (f"workload: {par['events']:,} events over {par['runs']:,} runs and {mix['sweeps']} sweeps "
+         f"(heartbeats {mix['heartbeat_share']:.1%}); median of {par['reps']} reps, fresh stream + DB each"),
         "          " + ", ".join(f"{k} {v:,}" for k, v in mix["types"].items()),
         "",
-        f"{'figure':<34}{'project':>14}{'ceiling':>14}{'ratio':>8}   per rep (project | ceiling)",
-        "-" * 110,
-        f"{'publish (events/s)':<34}{p['project']:>14,.0f}{p['ceiling']:>14,.0f}{p['ratio']:>8.2f}   "
-        f"{reps(p['project_reps'], ',.0f')} | {reps(p['ceiling_reps'], ',.0f')}",
-        f"{'projection (events/s)':<34}{q['project']:>14,.0f}{q['ceiling']:>14,.0f}{q['ratio']:>8.2f}   "
-        f"{reps(q['project_reps'], ',.0f')} | {reps(q['ceiling_reps'], ',.0f')}",
-        f"{'GET /runs/{id} p50 (ms)':<34}{g['p50']:>14.2f}{'':>14}{'':>8}   {reps(g['p50_reps'], '.2f')}",
-        f"{'GET /runs/{id} p99 (ms)':<34}{g['p99']:>14.2f}{'':>14}{'':>8}   {reps(g['p99_reps'], '.2f')}",
-        "-" * 110,
-        "ceilings: publish = raw js.publish_async of the same pre-encoded payloads (Nats-Msg-Id header, "
-        "20,000 in flight);",
-        "          projection = same OrderedReader + msgspec.json.Decoder(AnyEvent) + sqlite3.executemany of "
-        "(seq, id, type, payload), 5,000/txn",
-        f"reads   : {g['gets_per_rep']:,} sequential keep-alive GETs (httpx, separate process, after "
-        f"{par['warmup']} warm-up) of random ids among {g['views_runs']:,} projected runs; "
-        f"failures {g['failures']}",
-        f"          (setting up the read views projected run.started-only streams at "
-        f"{s['api_setup_projection_events_per_s']['median']:,.0f} events/s)",
-        f"check   : final run states {'match' if s['state_check'].get('match') else 'DO NOT MATCH'} the contract: "
-        f"{s['state_check'].get('projected')}",
-        f"wall    : {s['wall_seconds']:.0f} s",
+        f"{'figure':<46}{'project':>11}{'ceiling':>11}{'ratio':>7}   per rep: project | ceiling",
+        "-" * 124,
+        row("publish, Publisher (events/s)", p),
+        row("  same, against the wire ceiling", w),
+        row(f"projection, Projector/{rdr} (events/s)", q, note=shipped_note),
+        *([row(f"  same, against ceiling B with {rdr}", qs)] if qs else []),
+        f"{'GET /runs/{id} p50 (ms)':<46}{g['p50']:>11.2f}{'':>11}{'':>7}   {reps(g['p50_reps'], '.2f')}",
+        f"{'GET /runs/{id} p99 (ms)':<46}{g['p99']:>11.2f}{'':>11}{'':>7}   {reps(g['p99_reps'], '.2f')}",
+        "-" * 124,
+        ("ceiling A (publish): raw nats-py js.publish_async of the same pre-encoded payloads, Nats-Msg-Id header, "
+         "20,000 in flight"),
+        ("wire ceiling (extra): core nc.publish, reply subjects under one wildcard inbox, acks counted not parsed, "
+         "20,000 in flight"),
+        ("ceiling B (projection): ledger.stream.OrderedReader (ordered push consumer) + msgspec.json.Decoder(AnyEvent)"
+         " + sqlite3.executemany of (seq, id, type, payload), 5,000/txn"
+         + (f"; second ceiling B: the same with {rdr}, the reader the Projector uses" if qs else "")),
+        (f"reads   : {g['gets_per_rep']:,} sequential keep-alive GETs per rep (httpx in a separate process, after "
+         f"{par['warmup']} warm-up) of random ids among {g['views_runs']:,} projected runs; failures {g['failures']}"),
+        (f"          building those views projected run.started-only streams at "
+         f"{s['read_views_projection_events_per_s']['median']:,.0f} events/s "
+         f"(reps {reps(s['read_views_projection_events_per_s']['reps'], ',.0f')})"),
     ]
+    if "match" in chk:
+        verdict = "match" if chk["match"] else "DO NOT MATCH"
+        lines.append(f"check   : Projector: final run states {verdict} the contract's: {chk['projected']}")
+    else:
+        lines.append("check   : no complete Projector run to check final run states on")
+    attempts = s["projection_attempts"]
+    if s["lost_events"]:
+        lines += [f"LOSSES  : {len(s['lost_events'])} projection run(s) lost events (runs made: "
+                  + ", ".join(f"{k} {v}" for k, v in attempts.items()) + "); rates are from complete runs only:",
+                  *(f"          - {x}" for x in s["lost_events"])]
+    else:
+        lines.append("losses  : none (every projection run checked complete: "
+                     + ", ".join(f"{k} {v}" for k, v in attempts.items()) + ")")
+    lines.append(f"wall    : {s['wall_seconds']:.0f} s")
     return "\n".join(lines)
 
 
@@ -691,6 +846,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=200, help="untimed GETs before the timed ones")
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default 3; quick 1)")
     ap.add_argument("--seed", type=int, default=20250303)
+    ap.add_argument("--attempts", type=int, default=3,
+                    help="projection attempts per rep when a run loses events (each loss is reported)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 20k events, 1k runs, 10k api runs, 1 rep")
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     args = ap.parse_args(argv)
@@ -719,17 +876,33 @@ def main(argv: list[str] | None = None) -> int:
 
     command = shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["bench/foundation.py", *argv])
 
-    def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+    # Ctrl-C / SIGTERM: outside the event loop the first one raises KeyboardInterrupt; inside it,
+    # run_bench's loop handlers cancel the run so that every finally block runs. Later ones are ignored.
+    interrupted = False
 
-    previous = signal.signal(signal.SIGTERM, on_term)
+    def first_interrupt() -> bool:
+        nonlocal interrupted
+        first, interrupted = not interrupted, True
+        return first
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if first_interrupt():
+            raise KeyboardInterrupt
+
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, on_signal) for sig in handled}
     work = Path(tempfile.mkdtemp(prefix="ledger-bench-"))
     nats = EmbeddedNats(work / "nats", port=free_port())
     try:
         info = machine_info(work)
+        say(f"generating {args.events:,} events over {args.runs:,} runs and {args.api_runs:,} run starts "
+            f"(seed {args.seed})")
+        workload = build_workload(args)
         url = nats.start()
         say(f"nats-server at {url}, data in {work}")
-        fig, mix = asyncio.run(run_bench(args, url, work, say))
+        fig, mix = asyncio.run(run_bench(args, url, work, workload, say, first_interrupt))
+        for sig in handled:  # asyncio.run put the defaults back
+            signal.signal(sig, on_signal)
         summary = summarize(args, fig, mix, info, command, time.perf_counter() - started)
         summary["machine"]["loadavg_end"] = os.getloadavg()
         if args.json:
@@ -737,13 +910,18 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(render(summary))
         return 0
-    except KeyboardInterrupt:
-        err.print("interrupted: cleaning up")
+    except BaseException:
+        if not interrupted:
+            raise
+        err.print("interrupted: cleaning up")  # whatever the interrupt surfaced as (nats-py converts some)
         return 130
     finally:
+        for sig in handled:
+            signal.signal(sig, signal.SIG_IGN)
         nats.stop()
         shutil.rmtree(work, ignore_errors=True)
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from ledger.commands.common import fail
-from ledger.commands.publish import emit
+from ledger.commands.publish import emit, run, sync
 from ledger.commands.query import runs, sweeps
 from ledger.commands.serve import projector, up
 from ledger.errors import LedgerError
@@ -29,7 +29,7 @@ def main() -> None:
     """run-ledger: the lifecycle of every run and sweep, as events in NATS JetStream."""
 
 
-for command in (up, projector, emit, runs, sweeps):
+for command in (up, projector, emit, run, sync, runs, sweeps):
     main.add_command(command)
 
 

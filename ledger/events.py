@@ -19,7 +19,9 @@ from ledger.errors import InvalidEvent
 EventId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}\Z")]
 EntityId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,128}\Z")]
 UtcTime = Annotated[datetime, Meta(tz=True)]
-Attempt = Annotated[int, Meta(ge=1)]
+Int64 = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+"""Every int on the wire fits a signed 64-bit integer (SQLite's INTEGER), or is quarantined."""
+Attempt = Annotated[int, Meta(ge=1, le=2**63 - 1)]
 ResumeMode: TypeAlias = Literal["never", "allow", "must", "auto"]
 
 ENTITY_ID_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,128}\Z")
@@ -33,7 +35,7 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_f
 
     id: EventId
     at: UtcTime
-    v: int = 1
+    v: Int64 = 1
 
 
 class RunEvent(Event, frozen=True, kw_only=True):
@@ -68,7 +70,7 @@ class RunStarted(RunEvent, frozen=True, kw_only=True, tag="run.started"):
     sweep_id: EntityId | None = None
     resume: ResumeMode | None = None
     host: str | None = None
-    pid: int | None = None
+    pid: Int64 | None = None
     command: list[str] | None = None
     config: dict[str, Any] | None = None
 
@@ -76,7 +78,7 @@ class RunStarted(RunEvent, frozen=True, kw_only=True, tag="run.started"):
 class RunHeartbeat(RunEvent, frozen=True, kw_only=True, tag="run.heartbeat"):
     """The run is alive; optionally with its progress."""
 
-    step: Annotated[int, Meta(ge=0)] | None = None
+    step: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None
     progress: Annotated[float, Meta(ge=0, le=1)] | None = None
     message: str | None = None
 
@@ -84,7 +86,7 @@ class RunHeartbeat(RunEvent, frozen=True, kw_only=True, tag="run.heartbeat"):
 class RunSignalled(RunEvent, frozen=True, kw_only=True, tag="run.signalled"):
     """The run's process received a signal."""
 
-    signal: int
+    signal: Int64
     name: str | None = None
     handled: bool | None = None
 
@@ -106,8 +108,8 @@ class RunIdle(RunEvent, frozen=True, kw_only=True, tag="run.idle"):
 class RunExited(RunEvent, frozen=True, kw_only=True, tag="run.exited"):
     """The run's process ended with an exit code, or by a signal."""
 
-    exit_code: int
-    signal: int | None = None
+    exit_code: Int64
+    signal: Int64 | None = None
 
 
 class RunKilled(RunEvent, frozen=True, kw_only=True, tag="run.killed"):
@@ -217,8 +219,13 @@ def decode_event(subject: str, data: bytes | memoryview) -> AnyEvent:
         raise InvalidEvent(f"not UTF-8: {exc}") from exc
     except RecursionError as exc:
         raise InvalidEvent(f"nested too deeply: {exc}") from exc
-    parts = subject.split(".")
-    expected = subject_of(event)
-    if len(parts) != 4 or subject != expected:
-        raise InvalidEvent(f"subject {subject!r} disagrees with payload (expected {expected!r})")
+    prefix, suffix = _SUBJECT_PARTS[type(event)]
+    entity = event.run_id if isinstance(event, RunEvent) else event.sweep_id  # type: ignore[union-attr]
+    if subject != prefix + entity + suffix:
+        raise InvalidEvent(f"subject {subject!r} disagrees with payload (expected {subject_of(event)!r})")
     return event
+
+
+_SUBJECT_PARTS: Final = {
+    t: (f"ledger.{tag.split('.')[0]}.", f".{tag.split('.', 1)[1]}") for tag, t in EVENT_TYPES.items()
+}

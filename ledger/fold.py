@@ -15,7 +15,7 @@ import msgspec
 from msgspec.structs import replace
 
 from ledger.events import AnyEvent, RunEvent, SweepEvent, tag_of
-from ledger.machine import Effect, Run, Sweep, effect, evolve, evolve_sweep, new_run, new_sweep, reason_of
+from ledger.machine import Effect, Run, Sweep, evolve_sweep, new_run, new_sweep, reason_of, step
 
 Kind: TypeAlias = Literal["run", "sweep"]
 
@@ -67,9 +67,8 @@ class Views:
         if isinstance(event, RunEvent):
             old_run = self.runs.get(event.run_id)
             base = old_run if old_run is not None else new_run(event)
-            result = effect(base, event)  # type: ignore[arg-type]
-            run = evolve(base, event)  # type: ignore[arg-type]
-            if run == base and old_run is not None:
+            result, run = step(base, event)  # type: ignore[arg-type]
+            if result != "applied" and old_run is not None:
                 return result
             run = replace(run, seq=rec.seq)
             self.runs[run.run_id] = run

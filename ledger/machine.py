@@ -73,6 +73,11 @@ class Sweep(msgspec.Struct, frozen=True, kw_only=True):
     seq: int = 0
 
 
+def starts_new_attempt(run: Run) -> bool:
+    """Whether ``run.started`` on this run is a resume (rule 2): it started before, or ended."""
+    return run.started_at is not None or run.terminal or run.state in ("preempted", "crashed")
+
+
 def new_run(event: RunEvent) -> Run:
     """Tolerance rule: an event of a run never seen creates it as ``pending``."""
     return Run(run_id=event.run_id, created_at=event.at)
@@ -86,13 +91,24 @@ def new_sweep(event: AnySweepEvent) -> Sweep:
 Effect: TypeAlias = Literal["applied", "unchanged", "late", "stale"]
 
 
+def fenced(run: Run, event: AnyRunEvent) -> bool:
+    """Rule 10: an event of another attempt (not a start) comes from a zombie."""
+    return not isinstance(event, RunStarted) and event.attempt is not None and event.attempt != run.attempt
+
+
+def step(run: Run, event: AnyRunEvent) -> tuple[Effect, Run]:
+    """Apply one run event and say what it did: applied, or why it changed nothing."""
+    if fenced(run, event):
+        return "stale", run
+    if isinstance(event, RunHeartbeat) and (run.terminal or run.state == "preempted"):
+        return "late", run
+    new = evolve(run, event)
+    return ("unchanged" if new is run or new == run else "applied"), new
+
+
 def effect(run: Run, event: AnyRunEvent) -> Effect:
     """Why an event would change nothing: fenced (``stale``), ``late`` heartbeat, or no-op."""
-    if not isinstance(event, RunStarted) and event.attempt is not None and event.attempt != run.attempt:
-        return "stale"
-    if isinstance(event, RunHeartbeat) and (run.terminal or run.state == "preempted"):
-        return "late"
-    return "applied" if evolve(run, event) != run else "unchanged"
+    return step(run, event)[0]
 
 
 def _ended(run: Run, state: RunState, at: datetime, **changes: object) -> Run:
@@ -101,7 +117,7 @@ def _ended(run: Run, state: RunState, at: datetime, **changes: object) -> Run:
 
 def evolve(run: Run, event: AnyRunEvent) -> Run:
     """Apply one run event (rules 1-10 of CONTRACT section 2). Total: never raises."""
-    if not isinstance(event, RunStarted) and event.attempt is not None and event.attempt != run.attempt:
+    if fenced(run, event):
         return run  # rule 10: a zombie of another attempt
     match event:
         case RunQueued():
@@ -115,7 +131,7 @@ def evolve(run: Run, event: AnyRunEvent) -> Run:
         case RunInitializing():
             return replace(run, state="initializing") if run.state == "pending" else run
         case RunStarted():
-            resumed = run.started_at is not None or run.terminal or run.state in ("preempted", "crashed")
+            resumed = starts_new_attempt(run)
             return replace(
                 run,
                 state="running",

@@ -115,8 +115,9 @@ class Publisher:
     async def wait(self, future: asyncio.Future[int]) -> int:
         """The sequence of a submitted publish, or StreamUnavailable after the timeout."""
         try:
-            return await asyncio.wait_for(future, self.timeout)
-        except asyncio.TimeoutError as exc:
+            async with asyncio.timeout(self.timeout):
+                return await future
+        except TimeoutError as exc:
             self._futures = {k: f for k, f in self._futures.items() if f is not future}
             raise StreamUnavailable(f"no publish ack within {self.timeout:.0f} s") from exc
 

@@ -1,9 +1,14 @@
 """The projector: reads the stream in order from its own checkpoint and folds
 each batch into the SQLite views in one transaction with the checkpoint.
 
-It uses an ordered consumer from checkpoint + 1 (never an acked durable
+It reads with an ordered pull consumer (``PullReader``) from checkpoint + 1 (never an acked durable
 consumer), so a cancellation or a SIGKILL at any moment loses nothing: the
 next start reads again from what was committed.
+
+``ledger replay`` may swap a rebuilt database in under the projector's feet
+(the ``views.db`` symlink then names another file). The projector looks before
+each batch and at each idle poll; when the file changed it reopens it and goes
+on from that database's own checkpoint.
 """
 
 from __future__ import annotations
@@ -17,9 +22,9 @@ import anyio
 from anyio.abc import TaskStatus
 from nats.js import JetStreamContext
 
-from ledger.stream import OrderedReader, stream_last_seq
+from ledger.stream import PullReader, stream_last_seq
 from projections import metrics
-from projections.store import apply_batch, open_db, read_checkpoint
+from projections.store import apply_batch, file_identity, open_db, read_checkpoint
 
 
 class SeqNotifier:
@@ -36,12 +41,18 @@ class SeqNotifier:
             self.stream_last_seq = max(self.stream_last_seq, self.last_seq)
             self._changed.notify_all()
 
+    async def reset(self, seq: int) -> None:
+        """Set the applied sequence to ``seq`` exactly: a swapped-in views database may be behind."""
+        async with self._changed:
+            self.last_seq = seq
+            self._changed.notify_all()
+
     async def wait_for(self, seq: int, timeout: float) -> bool:
         """True once ``last_seq >= seq``; False after ``timeout`` seconds."""
         try:
-            async with self._changed:
-                await asyncio.wait_for(self._changed.wait_for(lambda: self.last_seq >= seq), timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout), self._changed:
+                await self._changed.wait_for(lambda: self.last_seq >= seq)
+        except TimeoutError:
             return False
         return True
 
@@ -60,24 +71,40 @@ class Projector:
     async def run(self, *, until_idle: bool = False,
                   task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> int:
         """Project until cancelled (or, with ``until_idle``, until caught up). Returns the checkpoint."""
-        db = await open_db(self.db_path)
-        reader: OrderedReader | None = None
+        identity, db = await self._open()
+        reader: PullReader | None = None
         try:
             checkpoint = await read_checkpoint(db)
             await self.notifier.advance(checkpoint)
-            reader = OrderedReader(self.js, checkpoint + 1)
+            reader = PullReader(self.js, checkpoint + 1)
             await reader.start()
             task_status.started()
             while True:
                 if until_idle and await self._caught_up(checkpoint, reader):
                     return checkpoint
                 batch = await reader.next_batch(self.batch_size, self.idle_poll)
+                if file_identity(self.db_path) not in (identity, None):
+                    with anyio.CancelScope(shield=True):
+                        await reader.stop()
+                        reader = None
+                        await db.close()
+                        identity, db = await self._open()
+                    checkpoint = await read_checkpoint(db)
+                    await self.notifier.reset(checkpoint)
+                    reader = PullReader(self.js, checkpoint + 1)
+                    await reader.start()
+                    continue
                 if not batch:
                     await self._refresh_stream_seq(checkpoint)
                     continue
                 with anyio.CancelScope(shield=True):  # a batch commits whole or not at all
                     started = time.perf_counter()
-                    outcomes = await self._apply_with_retry(db, batch)
+                    try:
+                        outcomes = await self._apply_with_retry(db, batch)
+                    except aiosqlite.Error:
+                        if file_identity(self.db_path) not in (identity, None):
+                            continue  # the file was swapped while writing: reopen at the loop's top
+                        raise
                     checkpoint = max(checkpoint, batch[-1].seq)
                     metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
                     metrics.BATCH_SIZE.observe(len(batch))
@@ -91,6 +118,13 @@ class Projector:
                 if reader is not None:
                     await reader.stop()
                 await db.close()
+
+    async def _open(self) -> tuple[tuple[int, int] | None, aiosqlite.Connection]:
+        """The views database and the identity of its file (taken before opening, so a swap in between
+        costs one more reopen, never a missed one)."""
+        identity = file_identity(self.db_path)
+        db = await open_db(self.db_path)
+        return identity or file_identity(self.db_path), db
 
     async def _apply_with_retry(self, db: aiosqlite.Connection, batch: list) -> dict[str, int]:
         delay = 0.05
@@ -110,7 +144,7 @@ class Projector:
             return
         self._export_lag()
 
-    async def _caught_up(self, checkpoint: int, reader: OrderedReader) -> bool:
+    async def _caught_up(self, checkpoint: int, reader: PullReader) -> bool:
         if reader.buffered:
             return False
         await self._refresh_stream_seq(checkpoint)

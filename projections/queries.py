@@ -9,7 +9,7 @@ import aiosqlite
 import msgspec
 
 from ledger.fold import Entry
-from ledger.machine import RUN_STATES, Run
+from ledger.machine import RUN_STATES, Run, Sweep
 from projections.schema import RUN_COLUMNS, entry_from_row, run_from_row
 
 MAX_LIMIT: Final = 1000
@@ -113,3 +113,32 @@ async def quarantine_count(db: aiosqlite.Connection) -> int:
     async with db.execute("SELECT count(*) FROM quarantine") as cur:
         row = await cur.fetchone()
     return int(row[0]) if row else 0
+
+
+async def sweep_runs_as_of(db: aiosqlite.Connection, sweep_id: str, *, seq: int | None = None,
+                           recorded_at: str | None = None) -> tuple[dict[str, int], list[str]]:
+    """A sweep's runs per state and its queue as they were at stream ``seq`` or time ``recorded_at``.
+
+    From the history table: a run's state at a cut is the state of its last
+    history entry at or before it (every state change is one entry). Runs
+    count by the sweep they name now; as far as the views have applied.
+    """
+    cut_sql, cut = ("h.seq <= ?", seq) if seq is not None else ("h.recorded_at <= ?", recorded_at)
+    sql = (
+        "SELECT r.run_id, h.state, h.seq FROM runs r JOIN history h ON h.kind = 'run' AND h.entity_id = r.run_id "
+        f"WHERE r.sweep_id = ? AND {cut_sql} AND h.seq = (SELECT max(h2.seq) FROM history h2 "
+        f"WHERE h2.kind = 'run' AND h2.entity_id = r.run_id AND {cut_sql.replace('h.', 'h2.')})"
+    )
+    async with db.execute(sql, (sweep_id, cut, cut)) as cur:
+        rows = await cur.fetchall()
+    counts = dict.fromkeys(RUN_STATES, 0)
+    for _, state, _ in rows:
+        counts[state] = counts.get(state, 0) + 1
+    queue = [run_id for run_id, state, last in sorted(rows, key=lambda r: (r[2], r[0])) if state == "preempted"]
+    return counts, queue
+
+
+def sweep_view(sweep: Sweep, counts: dict[str, int], queue: list[str]) -> SweepView:
+    """The contract's Sweep from the sweep's own state and its runs."""
+    return SweepView(sweep_id=sweep.sweep_id, state=sweep.state, created_at=sweep.created_at,
+                     updated_at=sweep.updated_at, runs=counts, queue=queue)

@@ -7,6 +7,8 @@ neither: nothing is lost and nothing is applied twice.
 
 from __future__ import annotations
 
+import asyncio
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Final
@@ -16,7 +18,7 @@ import aiosqlite
 from ledger.errors import InvalidEvent
 from ledger.events import RunEvent, decode_event
 from ledger.fold import Recorded, Views
-from ledger.stream import StreamMessage
+from ledger.stream import StreamMessage, recorded_at_of
 from projections.schema import (
     INSERT_ENTRY, SCHEMA, UPSERT_RUN, UPSERT_SWEEP, entry_row, iso, run_from_row, run_row,
     sweep_from_row, sweep_row,
@@ -24,6 +26,24 @@ from projections.schema import (
 
 CHUNK: Final = 900
 """Ids per ``IN (...)`` query, under SQLite's bound-parameter limit."""
+INSERT_SEEN: Final = "INSERT OR IGNORE INTO seen (event_id, seq) VALUES (?, ?)"
+INSERT_QUARANTINE: Final = (
+    "INSERT OR REPLACE INTO quarantine (seq, subject, reason, raw, recorded_at) VALUES (?, ?, ?, ?, ?)")
+SET_CHECKPOINT: Final = "UPDATE checkpoint SET last_seq = ? WHERE id = 1"
+
+
+def file_identity(path: Path | str) -> tuple[int, int] | None:
+    """(device, inode) of the file ``path`` names, through a symlink; None when there is none.
+
+    ``ledger replay`` swaps in a new views database by replacing the
+    ``views.db`` symlink; readers and the projector compare this before each
+    batch or request and reopen when it changed.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 async def open_db(path: Path | str, *, readonly: bool = False) -> aiosqlite.Connection:
@@ -33,11 +53,28 @@ async def open_db(path: Path | str, *, readonly: bool = False) -> aiosqlite.Conn
     else:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         db = await aiosqlite.connect(path, isolation_level=None)
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=NORMAL")
-        await db.executescript(SCHEMA)
+        try:
+            await _set_wal(db)
+            await db.execute("PRAGMA synchronous=NORMAL")
+            await db.executescript(SCHEMA)
+        except BaseException:
+            await db.close()
+            raise
     await db.execute("PRAGMA busy_timeout=5000")
     return db
+
+
+async def _set_wal(db: aiosqlite.Connection, attempts: int = 100) -> None:
+    """WAL mode; switching a new file takes a lock the busy handler does not wait for, so retry."""
+    for attempt in range(attempts):
+        try:
+            async with db.execute("PRAGMA journal_mode=WAL") as cur:
+                await cur.fetchall()
+            return
+        except aiosqlite.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == attempts - 1:
+                raise
+            await asyncio.sleep(0.05)  # another connection is creating the same file
 
 
 async def read_checkpoint(db: aiosqlite.Connection) -> int:
@@ -62,10 +99,22 @@ def decode_batch(msgs: list[StreamMessage]) -> tuple[list[Recorded], list[tuple]
     bad: list[tuple] = []
     for msg in msgs:
         try:
-            good.append(Recorded(msg.seq, msg.recorded_at, decode_event(msg.subject, msg.data)))
+            good.append(Recorded(msg.seq, recorded_at_of(msg), decode_event(msg.subject, msg.data)))
         except InvalidEvent as exc:
-            bad.append((msg.seq, msg.subject, exc.reason[:500], bytes(msg.data), iso(msg.recorded_at)))
+            bad.append((msg.seq, msg.subject, exc.reason[:500], bytes(msg.data), iso(recorded_at_of(msg))))
     return good, bad
+
+
+def batch_writes(views: Views, bad: list[tuple], last_seq: int) -> list[tuple[str, list[tuple]]]:
+    """The statements that persist a folded batch: rows changed, history, seen ids, quarantine, checkpoint."""
+    return [
+        (UPSERT_RUN, [run_row(views.runs[k]) for k in views.dirty_runs]),
+        (UPSERT_SWEEP, [sweep_row(views.sweeps[k]) for k in views.dirty_sweeps]),
+        (INSERT_ENTRY, [entry_row(kind, key, e) for kind, key, e in views.history]),
+        (INSERT_SEEN, views.new_ids),
+        (INSERT_QUARANTINE, bad),
+        (SET_CHECKPOINT, [(last_seq,)]),
+    ]
 
 
 async def apply_batch(db: aiosqlite.Connection, msgs: list[StreamMessage]) -> Counter[str]:
@@ -93,13 +142,8 @@ async def apply_batch(db: aiosqlite.Connection, msgs: list[StreamMessage]) -> Co
         views = Views(runs, sweeps, seen)
         for rec in good:
             outcomes[views.apply(rec)] += 1
-        await db.executemany(UPSERT_RUN, [run_row(views.runs[k]) for k in views.dirty_runs])
-        await db.executemany(UPSERT_SWEEP, [sweep_row(views.sweeps[k]) for k in views.dirty_sweeps])
-        await db.executemany(INSERT_ENTRY, [entry_row(kind, key, e) for kind, key, e in views.history])
-        await db.executemany("INSERT OR IGNORE INTO seen (event_id, seq) VALUES (?, ?)", views.new_ids)
-        await db.executemany(
-            "INSERT OR REPLACE INTO quarantine (seq, subject, reason, raw, recorded_at) VALUES (?, ?, ?, ?, ?)", bad)
-        await db.execute("UPDATE checkpoint SET last_seq = ? WHERE id = 1", (msgs[-1].seq,))
+        for sql, rows in batch_writes(views, bad, msgs[-1].seq):
+            await db.executemany(sql, rows)
         await db.execute("COMMIT")
     except BaseException:
         await db.execute("ROLLBACK")

@@ -25,13 +25,29 @@ ENTRY_FIELDS = {"state", "at", "recorded_at", "seq", "event_id", "event_type", "
 SWEEP_FIELDS = {"sweep_id", "state", "created_at", "updated_at", "runs", "queue"}
 
 
+class Started:
+    """A task_status for a task run with asyncio.create_task: wait() until it reports started."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def started(self, value: object = None) -> None:
+        self._event.set()
+
+    async def wait(self) -> None:
+        async with asyncio.timeout(10):
+            await self._event.wait()
+
+
 @pytest.fixture
 async def api(js: JetStreamContext, db_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     """A projector and the API over one views database, as ``ledger up`` runs them."""
     notifier = SeqNotifier()
     port = free_port()
     server = api_server(ApiState(db_path, notifier=notifier, js=js), "127.0.0.1", port)
-    projector = asyncio.create_task(Projector(js, db_path, notifier=notifier, idle_poll=0.2).run())
+    ready = Started()
+    projector = asyncio.create_task(Projector(js, db_path, notifier=notifier, idle_poll=0.2).run(task_status=ready))
+    await ready.wait()  # as `ledger up` does (tg.start): a projector cancelled while opening leaks its database
     serving = asyncio.create_task(server.serve())
     async with asyncio.timeout(10):
         while not server.started:

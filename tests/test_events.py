@@ -7,15 +7,29 @@ as is in the quarantine.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from ledger.errors import InvalidEvent
-from ledger.events import RunExited, RunHeartbeat, SweepPaused, decode_event, encode_event, subject_of
+from ledger.events import (
+    EVENT_TYPES,
+    RunExited,
+    RunHeartbeat,
+    SweepPaused,
+    decode_event,
+    encode_event,
+    subject_of,
+    tag_of,
+)
 
 AT = "2024-05-01T12:00:00+02:00"
+GOLDEN = Path(__file__).parent / "golden"
+GOLDEN_SUBJECTS: dict[str, str] = json.loads((GOLDEN / "index.json").read_text())
+"""Golden payload file name -> the subject it was published on."""
 SUBJECT = "ledger.run.r1.exited"
 
 
@@ -43,7 +57,7 @@ class TestDecodeEvent:
     def test_valid_event(self) -> None:
         """A well-formed payload on its own subject decodes to its event."""
         expected = RunExited(
-            id="ev-1", at=datetime(2024, 5, 1, 10, 0, tzinfo=timezone.utc), run_id="r1", exit_code=0
+            id="ev-1", at=datetime(2024, 5, 1, 10, 0, tzinfo=UTC), run_id="r1", exit_code=0
         )
         assert expected == decode_event(SUBJECT, raw())
 
@@ -71,7 +85,7 @@ class TestDecodeEvent:
 
     def test_round_trip(self) -> None:
         """An encoded event decodes to itself on its subject."""
-        event = RunHeartbeat(id="ev-9", at=datetime(2024, 5, 1, tzinfo=timezone.utc), run_id="r1", step=3)
+        event = RunHeartbeat(id="ev-9", at=datetime(2024, 5, 1, tzinfo=UTC), run_id="r1", step=3)
         assert event == decode_event(subject_of(event), encode_event(event))
 
 
@@ -125,6 +139,8 @@ class TestDecodeEventRejects:
             pytest.param({"exit_code": "0"}, "exit_code", id="exit_code-str"),
             pytest.param({"exit_code": True}, "exit_code", id="exit_code-bool"),
             pytest.param({"exit_code": 1.5}, "exit_code", id="exit_code-float"),
+            pytest.param({"exit_code": 2**64}, "exit_code", id="exit_code-beyond-int64"),
+            pytest.param({"signal": -(2**63) - 1}, "signal", id="signal-beyond-int64"),
             pytest.param({"signal": "SIGKILL"}, "signal", id="signal-str"),
             pytest.param({"id": 7}, "id", id="id-int"),
             pytest.param({"at": 1714557600}, "at", id="at-epoch"),
@@ -133,6 +149,7 @@ class TestDecodeEventRejects:
             pytest.param({"v": "1"}, "v", id="v-str"),
             pytest.param({"type": "run.heartbeat", "step": -1}, "step", id="step-negative"),
             pytest.param({"type": "run.heartbeat", "progress": 1.5}, "progress", id="progress-above-1"),
+            pytest.param({"type": "run.heartbeat", "step": 2**63}, "step", id="step-beyond-int64"),
             pytest.param({"type": "run.started", "resume": "sometimes"}, "resume", id="resume-unknown"),
             pytest.param({"type": "run.started", "command": "python train.py"}, "command", id="command-str"),
             pytest.param({"type": "run.queued", "config": [1]}, "config", id="config-list"),
@@ -213,6 +230,11 @@ class TestDecodeEventRejects:
         data = raw(type="run.killed", exit_code=None, cause="ev 1")
         assert "$.cause`" in reason("ledger.run.r1.killed", data)
 
+    def test_int64_bounds_are_accepted(self) -> None:
+        """Ints at the ends of the signed 64-bit range (what SQLite stores) are valid."""
+        event = decode_event(SUBJECT, raw(exit_code=2**63 - 1, signal=-(2**63)))
+        assert (2**63 - 1, -(2**63)) == (event.exit_code, event.signal)
+
     def test_longest_ids_are_accepted(self) -> None:
         """Ids of exactly 64 (event) and 128 (run) characters are valid."""
         run_id, event_id = "r" * 128, "e" * 64
@@ -229,3 +251,35 @@ class TestDecodeEventRejects:
         event = decode_event(SUBJECT, raw(at="2024-05-01T05:00:00.123456-05:00"))
         expected = datetime(2024, 5, 1, 10, 0, 0, 123456, tzinfo=timezone(timedelta(0)))
         assert expected == event.at
+
+
+class TestGolden:
+    """Committed payloads of every event type: what producers send today must decode forever."""
+
+    def test_index_covers_every_file_and_type(self) -> None:
+        """The index names every golden payload, and there is one for every event type."""
+        files = {path.name for path in GOLDEN.glob("*.json")} - {"index.json"}
+        assert (files, set(EVENT_TYPES)) == (set(GOLDEN_SUBJECTS), {name.removesuffix(".json") for name in files})
+
+    @pytest.mark.parametrize(("name", "subject"), sorted(GOLDEN_SUBJECTS.items()))
+    def test_decodes(self, name: str, subject: str) -> None:
+        """The golden payload decodes on its subject to the event type it is named after."""
+        event = decode_event(subject, (GOLDEN / name).read_bytes())
+        assert name.removesuffix(".json") == tag_of(event)
+
+    @pytest.mark.parametrize(("name", "subject"), sorted(GOLDEN_SUBJECTS.items()))
+    def test_fields_keep_their_values(self, name: str, subject: str) -> None:
+        """Every known field of the golden payload decodes to the value written in it."""
+        data = json.loads((GOLDEN / name).read_bytes())
+        event = decode_event(subject, (GOLDEN / name).read_bytes())
+        known = {field.name for field in msgspec.structs.fields(event)}
+        written = {key: value for key, value in data.items() if key in known}
+        decoded = {key: getattr(event, key) for key in written}
+        times = {key for key, value in decoded.items() if isinstance(value, datetime)}
+        assert {k: datetime.fromisoformat(v) if k in times else v for k, v in written.items()} == decoded
+
+    @pytest.mark.parametrize(("name", "subject"), sorted(GOLDEN_SUBJECTS.items()))
+    def test_reencodes(self, name: str, subject: str) -> None:
+        """A decoded golden event encodes back to a payload that decodes to the same event."""
+        event = decode_event(subject, (GOLDEN / name).read_bytes())
+        assert event == decode_event(subject, encode_event(event))

@@ -22,24 +22,51 @@ implies elsewhere:
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 from msgspec.structs import replace
 
 from ledger.events import (
-    RUN_EVENT_TYPES, SWEEP_EVENT_TYPES, AnyRunEvent, AnySweepEvent, RunCrashed, RunExited,
-    RunHeartbeat, RunIdle, RunInitializing, RunKilled, RunPreempting, RunQueued, RunSignalled,
-    RunStarted, RunStopping, SweepCancelled, SweepCrashed, SweepCreated, SweepFailed,
-    SweepFinished, SweepPaused, SweepResumed, SweepStopped, tag_of,
+    RUN_EVENT_TYPES,
+    SWEEP_EVENT_TYPES,
+    AnyRunEvent,
+    AnySweepEvent,
+    RunCrashed,
+    RunExited,
+    RunHeartbeat,
+    RunIdle,
+    RunInitializing,
+    RunKilled,
+    RunPreempting,
+    RunQueued,
+    RunSignalled,
+    RunStarted,
+    RunStopping,
+    SweepCancelled,
+    SweepCrashed,
+    SweepCreated,
+    SweepFailed,
+    SweepFinished,
+    SweepPaused,
+    SweepResumed,
+    SweepStopped,
 )
 from ledger.machine import (
-    RUN_STATES, SWEEP_STATES, TERMINAL, Run, Sweep, effect, evolve, evolve_sweep, new_run,
-    new_sweep, reason_of,
+    RUN_STATES,
+    SWEEP_STATES,
+    TERMINAL,
+    Run,
+    Sweep,
+    effect,
+    evolve,
+    evolve_sweep,
+    new_run,
+    new_sweep,
+    reason_of,
 )
 
-UTC = timezone.utc
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 """Created."""
 T1 = T0 + timedelta(minutes=1)

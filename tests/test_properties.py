@@ -3,16 +3,16 @@
 Hypothesis ignores ``msgspec.Meta`` constraints, so events are generated from
 msgspec's own type information (``msgspec.inspect``), with strategies
 registered below for the constrained types: ids of ``[A-Za-z0-9_-]`` and
-timezone-aware datetimes. Streams draw run ids, sweep ids, event ids and times
-from small pools so that events of one run meet, ids collide, and heartbeats and
-crashes name the same instants.
+timezone-aware datetimes. Streams draw run ids, sweep ids and times from small
+pools so that events of one run meet and heartbeats and crashes name the same
+instants; event ids come from a wide range, so that they collide now and then.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import msgspec
@@ -22,21 +22,39 @@ from hypothesis import strategies as st
 from msgspec.structs import replace
 
 from ledger.events import (
-    RUN_EVENT_TYPES, SWEEP_EVENT_TYPES, AnyEvent, RunCrashed, RunEvent, RunExited, RunHeartbeat,
-    RunPreempting, RunStarted, decode_event, encode_event, subject_of,
+    RUN_EVENT_TYPES,
+    SWEEP_EVENT_TYPES,
+    AnyEvent,
+    RunCrashed,
+    RunEvent,
+    RunExited,
+    RunHeartbeat,
+    RunPreempting,
+    RunStarted,
+    decode_event,
+    encode_event,
+    subject_of,
 )
 from ledger.fold import Entry, Recorded, Views
-from ledger.machine import SWEEP_TERMINAL, TERMINAL, Run, Sweep, effect, evolve, evolve_sweep
+from ledger.machine import (
+    SWEEP_TERMINAL,
+    TERMINAL,
+    Run,
+    Sweep,
+    effect,
+    evolve,
+    evolve_sweep,
+)
 
 ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-"
 EVENT_ID_PATTERN = mi.type_info(RunStarted).fields[0].type.pattern  # type: ignore[attr-defined]
 ENTITY_ID_PATTERN = mi.type_info(RunStarted).fields[3].type.pattern  # type: ignore[attr-defined]
 INT64 = (-(2**63), 2**63 - 1)
-EPOCH = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
+EPOCH = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
 offsets = st.integers(-(23 * 60 + 59), 23 * 60 + 59).map(lambda minutes: timezone(timedelta(minutes=minutes)))
 aware_datetimes = st.datetimes(
-    min_value=datetime(1900, 1, 1), max_value=datetime(2200, 1, 1), timezones=offsets | st.just(timezone.utc)
+    min_value=datetime(1900, 1, 1), max_value=datetime(2200, 1, 1), timezones=offsets | st.just(UTC)
 )
 """RFC 3339 times: any instant, with a UTC offset in whole minutes."""
 
@@ -54,17 +72,14 @@ CONSTRAINED: dict[str, st.SearchStrategy[Any]] = {
 """Strategies for the constrained string types, by their msgspec pattern."""
 
 
-@dataclass(frozen=True)
-class Pools:
-    """Field-name overrides that make generated events meet each other."""
-
-    by_field: dict[str, st.SearchStrategy[Any]]
+Pools = dict[str, st.SearchStrategy[Any]]
+"""Strategies by field name that override the type's, so that generated events meet each other."""
 
 
 def from_type_info(t: mi.Type, field: str = "", pools: Pools | None = None) -> st.SearchStrategy[Any]:
     """A strategy for values of a msgspec type that honours its constraints."""
-    if pools is not None and field in pools.by_field and not isinstance(t, (mi.UnionType, mi.NoneType)):
-        return pools.by_field[field]
+    if pools and field in pools and not isinstance(t, (mi.UnionType, mi.NoneType)):
+        return pools[field]
     match t:
         case mi.NoneType():
             return st.none()
@@ -110,26 +125,24 @@ TIMES = (
     EPOCH - timedelta(minutes=5),
     (EPOCH + timedelta(hours=1)).astimezone(timezone(timedelta(hours=5, minutes=30))),
 )
-POOLS = Pools(
-    by_field={
-        "id": st.integers(0, 10**6).map(lambda n: f"e{n}"),
-        "cause": st.integers(0, 10**6).map(lambda n: f"e{n}"),
-        "run_id": st.sampled_from(RUN_IDS),
-        "reproduced_from": st.sampled_from(RUN_IDS),
-        "sweep_id": st.sampled_from(SWEEP_IDS),
-        "at": st.sampled_from(TIMES),
-        "last_heartbeat_at": st.sampled_from(TIMES),
-        "created_at": st.sampled_from(TIMES),
-        "started_at": st.sampled_from(TIMES),
-        "ended_at": st.sampled_from(TIMES),
-        "updated_at": st.sampled_from(TIMES),
-        "attempt": st.sampled_from([1, 1, 2, 3]),
-        "exit_code": st.sampled_from([0, 1, 137, 143]),
-        "signal": st.sampled_from([2, 9, 15]),
-        "config": st.just({"lr": 0.1}),
-        "command": st.just(["python", "train.py"]),
-    }
-)
+POOLS: Pools = {
+    "id": st.integers(0, 10**6).map(lambda n: f"e{n}"),
+    "cause": st.integers(0, 10**6).map(lambda n: f"e{n}"),
+    "run_id": st.sampled_from(RUN_IDS),
+    "reproduced_from": st.sampled_from(RUN_IDS),
+    "sweep_id": st.sampled_from(SWEEP_IDS),
+    "at": st.sampled_from(TIMES),
+    "last_heartbeat_at": st.sampled_from(TIMES),
+    "created_at": st.sampled_from(TIMES),
+    "started_at": st.sampled_from(TIMES),
+    "ended_at": st.sampled_from(TIMES),
+    "updated_at": st.sampled_from(TIMES),
+    "attempt": st.sampled_from([1, 1, 2, 3]),
+    "exit_code": st.sampled_from([0, 1, 137, 143]),
+    "signal": st.sampled_from([2, 9, 15]),
+    "config": st.just({"lr": 0.1}),
+    "command": st.just(["python", "train.py"]),
+}
 
 any_event = st.one_of(*(structs(cls) for cls in RUN_EVENT_TYPES + SWEEP_EVENT_TYPES))
 """Any valid event, with unconstrained ids and times."""
@@ -173,7 +186,7 @@ class TestFold:
         sweeps: dict[str, Sweep] = {}
         seen: set[str] = set()
         history: list[tuple[str, str, Entry]] = []
-        for lo, hi in zip(bounds, bounds[1:]):
+        for lo, hi in itertools.pairwise(bounds):
             views = Views(runs=dict(runs), sweeps=dict(sweeps), seen=set(seen)).fold(stream[lo:hi])
             runs.update({run_id: views.runs[run_id] for run_id in views.dirty_runs})
             sweeps.update({sweep_id: views.sweeps[sweep_id] for sweep_id in views.dirty_sweeps})
@@ -202,7 +215,7 @@ class TestFold:
             with_duplicates.extend(plain[i : i + 1])
         assert state(fold_all(plain)) == state(fold_all(with_duplicates))
 
-    @settings(max_examples=200)
+    @settings(max_examples=100)
     @given(events=event_lists)
     def test_apply_reports_duplicates(self, events: list[AnyEvent]) -> None:
         """Applying a stream a second time answers ``duplicate`` for every event and changes nothing."""
@@ -212,7 +225,7 @@ class TestFold:
         second = [views.apply(rec) for rec in record(events, lambda i: 1000 + i)]
         assert (["duplicate"] * len(events), before) == (second, state(views))
 
-    @settings(max_examples=200)
+    @settings(max_examples=100)
     @given(events=event_lists)
     def test_history_ends_in_current_state(self, events: list[AnyEvent]) -> None:
         """Rule 11: each run's and sweep's last history entry holds its current state."""
@@ -222,7 +235,7 @@ class TestFold:
         current.update({("sweep", k): s.state for k, s in views.sweeps.items()})
         assert current == last
 
-    @settings(max_examples=200)
+    @settings(max_examples=100)
     @given(events=event_lists)
     def test_history_entries_are_changes(self, events: list[AnyEvent]) -> None:
         """Rule 11: consecutive entries of a run change its state or start an attempt; of a sweep, its state."""
@@ -235,13 +248,16 @@ class TestFold:
                 assert entry.state != before.state or entry.event_type == "run.started"
             previous[(kind, key)] = entry
 
-    @settings(max_examples=200)
+    @settings(max_examples=100)
     @given(events=event_lists)
-    def test_seq_is_last_event_applied(self, events: list[AnyEvent]) -> None:
-        """A run's ``seq`` is the seq of the last event that changed it, never more than the stream's."""
+    def test_seq_is_an_event_of_the_run(self, events: list[AnyEvent]) -> None:
+        """A run's ``seq`` is the seq of one of its events, no earlier than its last history entry."""
         stream = record(events)
         views = fold_all(stream)
-        assert all(0 < run.seq <= len(stream) for run in views.runs.values())
+        last_entry = {key: entry.seq for kind, key, entry in views.history if kind == "run"}
+        for run_id, run in views.runs.items():
+            own = {rec.seq for rec in stream if isinstance(rec.event, RunEvent) and rec.event.run_id == run_id}
+            assert (True, True) == (run.seq in own, run.seq >= last_entry[run_id])
 
 
 class TestTotality:
@@ -258,7 +274,7 @@ class TestTotality:
         """``evolve_sweep`` takes any sweep and any sweep event."""
         assert isinstance(evolve_sweep(sweep, event), Sweep)
 
-    @settings(max_examples=200)
+    @settings(max_examples=150)
     @given(known=st.lists(runs, max_size=3), known_sweeps=st.lists(sweeps, max_size=2), events=event_lists)
     def test_apply_never_raises(self, known: list[Run], known_sweeps: list[Sweep], events: list[AnyEvent]) -> None:
         """``Views.apply`` takes any event on top of any runs and sweeps."""
@@ -275,7 +291,7 @@ class TestTerminal:
         after = evolve(run, event)  # type: ignore[arg-type]
         assert after.state == run.state or isinstance(event, RunStarted)
 
-    @settings(max_examples=300)
+    @settings(max_examples=150)
     @given(events=event_lists)
     def test_terminal_run_leaves_only_by_resume_in_a_stream(self, events: list[AnyEvent]) -> None:
         """In any stream, a history entry after a terminal one comes from ``run.started``."""

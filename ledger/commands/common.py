@@ -7,13 +7,27 @@ import sys
 from typing import Any, NoReturn
 
 import click
-import httpx
-from rich.console import Console
 
 from ledger.errors import LedgerError
 
-console = Console()
-err_console = Console(stderr=True, soft_wrap=True)
+
+class LazyConsole:
+    """A rich Console made on first use: ``ledger run`` starts faster without rich."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._console: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._options)
+        return getattr(self._console, name)
+
+
+console: Any = LazyConsole(width=None if sys.stdout.isatty() else 160)
+err_console: Any = LazyConsole(stderr=True, soft_wrap=True)
 
 nats_url_option = click.option("--nats-url", envvar="LEDGER_NATS_URL", default=None,
                                help="NATS server URL  [env LEDGER_NATS_URL; default nats://127.0.0.1:4222]")
@@ -38,6 +52,8 @@ class LedgerGroup(click.Group):
 
 
 def api_get(http: str, path: str, params: dict[str, Any] | None = None) -> Any:
+    import httpx
+
     url = f"http://{http}{path}"
     try:
         resp = httpx.get(url, params={k: v for k, v in (params or {}).items() if v is not None}, timeout=10)

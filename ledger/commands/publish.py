@@ -1,4 +1,4 @@
-"""Verbs that append to the stream: ``ledger emit``."""
+"""Verbs that append to the stream: ``ledger emit``, ``ledger run``, ``ledger sync``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from ledger.commands.common import fail, json_option, nats_url_option
+from ledger.commands.common import fail, json_option, nats_url_option, nats_url_or_default
 
 @click.command()
 @click.argument("event", required=False)
@@ -34,3 +34,72 @@ def emit(event: str | None, nats_url: str | None, as_json: bool) -> None:
     print(json.dumps({"seq": seq}) if as_json else seq)
 
 
+
+
+@click.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--run-id", default=None, help="The run's id (1-128 of [A-Za-z0-9_-]); a fresh ULID if omitted.")
+@click.option("--sweep", default=None, help="The sweep this run belongs to.")
+@click.option("--resume", type=click.Choice(["never", "allow", "must", "auto"]), default="never", show_default=True,
+              help="What to do when the run id exists (CONTRACT section 2).")
+@click.option("--heartbeat", default=30.0, show_default=True, type=click.FloatRange(min=0.05),
+              help="Seconds between heartbeats while CMD lives.")
+@click.option("--force", is_flag=True, help="Start even if the run is alive with a fresh heartbeat elsewhere.")
+@click.option("--drain", default=3.0, show_default=True, type=float,
+              help="Seconds to wait at the end for NATS to take spooled events.")
+@nats_url_option
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def run(run_id: str | None, sweep: str | None, resume: str, heartbeat: float, force: bool, drain: float,
+        nats_url: str | None, command: tuple[str, ...]) -> None:
+    """Run CMD as a child and publish its lifecycle: ledger run [OPTIONS] -- CMD ...
+
+    Publishes run.started (host, pid, command), a heartbeat every --heartbeat
+    seconds, run.signalled for forwarded SIGINT/SIGTERM/SIGUSR1, and run.exited;
+    exits with CMD's code (128+N when signal N ended it). A refused start
+    (resume rules, a live twin, a closed sweep) runs nothing, prints why and
+    exits 1. With NATS down the job still runs; its events wait in the spool.
+    """
+    from ledger.wrapper import run_command
+
+    sys.exit(run_command(command, run_id=run_id, sweep=sweep, resume=resume, heartbeat=heartbeat, force=force,
+                         nats_url=nats_url, drain=drain))
+
+
+@click.command()
+@nats_url_option
+@click.option("--spool", "spool_path", default=None, type=click.Path(), help="Spool file  [env LEDGER_SPOOL]")
+@click.option("--all", "everything", is_flag=True, help="Also send rows of processes that still run.")
+@json_option
+def sync(nats_url: str | None, spool_path: str | None, everything: bool, as_json: bool) -> None:
+    """Send the events a dead job left in the local spool, in order."""
+    from ledger.spool import Spool, owner_alive
+    from ledger.publisher import Publisher
+    from ledger.stream import connect
+
+    async def go() -> tuple[int, int]:
+        spool = await Spool(spool_path).open()
+        try:
+            owners = [o for o in await spool.owners() if everything or not owner_alive(o)]
+            if not owners:
+                return 0, await spool.count()
+            nc = await connect(nats_url_or_default(nats_url), reconnect=False)
+            publisher = Publisher(nc)
+            sent = 0
+            try:
+                while rows := await spool.pending(owners):
+                    futures = [await publisher.submit_raw(r.subject, r.payload, {"Nats-Msg-Id": r.msg_id})
+                               for r in rows]
+                    for future in futures:
+                        await publisher.wait(future)
+                    await spool.remove([r.id for r in rows])
+                    sent += len(rows)
+            finally:
+                await nc.close()
+            return sent, await spool.count()
+        finally:
+            await spool.close()
+
+    sent, left = asyncio.run(go())
+    if as_json:
+        print(json.dumps({"sent": sent, "left": left}))
+    else:
+        print(f"sent {sent} spooled events; {left} left (of processes still running)")

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import click
 
-from ledger import tables
 from ledger.commands.common import api_get, console, http_option, json_option, print_json
+
+def _tables():  # type: ignore[no-untyped-def]
+    from ledger import tables
+
+    return tables
+
 
 @click.group()
 def runs() -> None:
@@ -22,7 +27,7 @@ def runs() -> None:
 def runs_list(sweep: str | None, state: str | None, limit: int, after: str | None, http: str, as_json: bool) -> None:
     """List runs, in run id order."""
     data = api_get(http, "/runs", {"sweep": sweep, "state": state, "limit": limit, "after": after})
-    print_json(data) if as_json else tables.print_runs(console, data["runs"], data["next"])
+    print_json(data) if as_json else _tables().print_runs(console, data["runs"], data["next"])
 
 
 @runs.command("show")
@@ -32,7 +37,7 @@ def runs_list(sweep: str | None, state: str | None, limit: int, after: str | Non
 def runs_show(run_id: str, http: str, as_json: bool) -> None:
     """Show one run's current state."""
     data = api_get(http, f"/runs/{run_id}")
-    print_json(data) if as_json else tables.print_record(console, f"run {run_id}", data)
+    print_json(data) if as_json else _tables().print_record(console, f"run {run_id}", data)
 
 
 @runs.command("history")
@@ -42,7 +47,7 @@ def runs_show(run_id: str, http: str, as_json: bool) -> None:
 def runs_history(run_id: str, http: str, as_json: bool) -> None:
     """Show every state a run went through."""
     data = api_get(http, f"/runs/{run_id}/history")
-    print_json(data) if as_json else tables.print_history(console, f"history of run {run_id}", data["history"])
+    print_json(data) if as_json else _tables().print_history(console, f"history of run {run_id}", data["history"])
 
 
 @click.group()
@@ -56,7 +61,7 @@ def sweeps() -> None:
 def sweeps_list(http: str, as_json: bool) -> None:
     """List sweeps with the count of their runs per state."""
     data = api_get(http, "/sweeps")
-    print_json(data) if as_json else tables.print_sweeps(console, data["sweeps"])
+    print_json(data) if as_json else _tables().print_sweeps(console, data["sweeps"])
 
 
 @sweeps.command("show")
@@ -66,5 +71,5 @@ def sweeps_list(http: str, as_json: bool) -> None:
 def sweeps_show(sweep_id: str, http: str, as_json: bool) -> None:
     """Show one sweep: state, runs per state, preemption queue."""
     data = api_get(http, f"/sweeps/{sweep_id}")
-    print_json(data) if as_json else tables.print_record(console, f"sweep {sweep_id}", data)
+    print_json(data) if as_json else _tables().print_record(console, f"sweep {sweep_id}", data)
 
