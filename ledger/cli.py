@@ -6,10 +6,13 @@ from typing import Any
 
 import click
 
+from ledger.commands.audit import audit, replay, verify
 from ledger.commands.common import fail
+from ledger.commands.events import events
+from ledger.commands.control import runs_kill, sweep
 from ledger.commands.publish import emit, run, sync
 from ledger.commands.query import runs, sweeps
-from ledger.commands.serve import projector, up
+from ledger.commands.serve import monitor, projector, up
 from ledger.errors import LedgerError
 
 
@@ -29,7 +32,10 @@ def main() -> None:
     """run-ledger: the lifecycle of every run and sweep, as events in NATS JetStream."""
 
 
-for command in (up, projector, emit, run, sync, runs, sweeps):
+for command in (up, projector, monitor, emit, run, sync, sweep, runs, sweeps):
+    main.add_command(command)
+runs.add_command(runs_kill)
+for command in (events, audit, replay, verify):  # audit and replay (issue 5)
     main.add_command(command)
 
 

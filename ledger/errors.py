@@ -5,6 +5,7 @@
     ├── StreamUnavailable     NATS/JetStream cannot be reached or refused the request
     ├── ConcurrencyConflict   an expected-sequence append lost a race (JetStream 10071)
     ├── ResumeRefused         a start broke the resume table of CONTRACT section 2
+    ├── CommandRefused        a sweep or run command that makes no sense in the current state
     └── PortInUse             a port the ledger must listen on is already taken
 
 Library errors are translated only at the boundary, always ``raise ... from exc``.
@@ -35,6 +36,10 @@ class ConcurrencyConflict(LedgerError):
 
 class ResumeRefused(LedgerError):
     """A run start broke the resume rules (contract section 2)."""
+
+
+class CommandRefused(LedgerError):
+    """A command refused by the current state (pause a cancelled sweep, kill a finished run)."""
 
 
 class PortInUse(LedgerError):

@@ -129,7 +129,8 @@ def evolve(run: Run, event: AnyRunEvent) -> Run:
                 reproduced_from=event.reproduced_from or run.reproduced_from,
             )
         case RunInitializing():
-            return replace(run, state="initializing") if run.state == "pending" else run
+            # from pending, or from preempted: claimed from the sweep's queue to start again
+            return replace(run, state="initializing") if run.state in ("pending", "preempted") else run
         case RunStarted():
             resumed = starts_new_attempt(run)
             return replace(

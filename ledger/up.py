@@ -1,5 +1,6 @@
-"""``ledger up``: embedded NATS (unless given one), the stream, the projector and
-the HTTP API in one process, stopped cleanly by SIGINT or SIGTERM."""
+"""``ledger up``: embedded NATS (unless given one), the stream, the projector,
+the liveness monitor, the sweep reactor and the HTTP API in one process,
+stopped cleanly by SIGINT or SIGTERM."""
 
 from __future__ import annotations
 
@@ -34,8 +35,10 @@ def parse_hostport(value: str) -> tuple[str, int]:
 
 async def up(settings: UpSettings, on_ready: Callable[[dict[str, object]], None]) -> None:
     """Run everything until SIGINT/SIGTERM; ``on_ready`` gets the addresses once serving."""
+    from ledger.publisher import Publisher
     from projections.api import ApiState, api_server
     from projections.projector import Projector, SeqNotifier
+    from projections.reactors import Monitor, SweepReactor
 
     host, port = parse_hostport(settings.http)
     check_port_free(host, port, "HTTP")
@@ -63,6 +66,9 @@ async def up(settings: UpSettings, on_ready: Callable[[dict[str, object]], None]
 
             async with anyio.create_task_group() as tg:
                 await tg.start(Projector(js, db_path, notifier=notifier).run)
+                publisher = Publisher(nc)
+                await tg.start(Monitor(db_path, publisher, notifier=notifier, timeout=settings.heartbeat_timeout).run)
+                await tg.start(SweepReactor(db_path, publisher, notifier=notifier, interval=0.2).run)
                 tg.start_soon(serve_api)
                 with anyio.fail_after(15):
                     while not server.started:  # uvicorn exposes readiness only as a flag

@@ -250,6 +250,7 @@ def swap_in(data_dir: Path, new: Path) -> Path | None:
     if previous == link:
         kept = data_dir / "views-0.db"
         if not kept.exists():
+            _checkpoint_wal(link)  # its WAL is named after views.db: fold it in before the name goes
             os.link(link, kept)
         previous = kept
     tmp = data_dir / f".{VIEWS}.{os.getpid()}.tmp"
@@ -264,6 +265,18 @@ def swap_in(data_dir: Path, new: Path) -> Path | None:
     return previous
 
 
+def _checkpoint_wal(path: Path) -> None:
+    """Copy the WAL's pages into the database file (best effort: readers may hold some back)."""
+    try:
+        con = sqlite3.connect(path, timeout=5)
+        try:
+            con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        finally:
+            con.close()
+    except sqlite3.Error:
+        pass
+
+
 def prune(data_dir: Path, keep: set[Path]) -> list[Path]:
     """Delete generation files other than ``keep``; a reader still on one finishes on its open file."""
     removed = []
@@ -272,6 +285,13 @@ def prune(data_dir: Path, keep: set[Path]) -> list[Path]:
             remove_db(path)
             removed.append(path)
     return removed
+
+
+def prune_plain_wal(data_dir: Path) -> None:
+    """Delete the WAL files of the plain ``views.db`` of before the first replay (its connections are gone)."""
+    if (data_dir / VIEWS).is_symlink():
+        for suffix in ("-wal", "-shm"):
+            (data_dir / f"{VIEWS}{suffix}").unlink(missing_ok=True)
 
 
 @dataclass
@@ -292,6 +312,7 @@ async def replay(js: JetStreamContext, data_dir: Path, *, to_seq: int | None = N
             numbers.append(int(GENERATION_RE.match(current.name).group(1)))  # type: ignore[union-attr]
         new = data_dir / f"views-{max(numbers, default=0) + 1}.db"
         remove_db(new)
+        prune_plain_wal(data_dir)  # from a swap before this one: nothing uses them by now
         result = await rebuild(js, new, to_seq=to_seq, on_progress=on_progress, batch_size=batch_size)
         previous = swap_in(data_dir, new)
         keep = {new} | ({previous} if previous is not None else set())

@@ -10,10 +10,12 @@ implies elsewhere:
   new attempt", so only ``run.started`` leaves them (rule 7 keeps the exit of a
   killed run, rule 3 counts a heartbeat there as late).
 - A ``preempted`` run waits in its sweep's queue until "it starts again or is
-  killed", so only ``run.started`` and ``run.killed`` move it.
+  killed": ``run.started`` and ``run.killed`` move it, and so does
+  ``run.initializing``, the first step of starting again, which ``ledger sweep
+  next`` appends to claim the run for an agent (VESSL's initializing phase).
 - ``run.queued`` and ``run.initializing`` (rule 1) bring a run into being; they
   never send a run back once it is past them (``run.queued`` moves nothing but
-  a pending run, ``run.initializing`` nothing but a pending one).
+  a pending run, ``run.initializing`` nothing but a pending or preempted one).
 - ``run.stopping`` / ``run.idle`` (rule 6) apply from every other state.
 - Sweeps: pause only a running sweep, resume only a paused one, stop a running
   or paused one; cancel / finish / fail / crash end any sweep not yet ended;
@@ -139,7 +141,7 @@ finished      finished      finished      running  finished   finished      fini
 failed        failed        failed        running  failed     failed        failed        failed     failed     failed     failed     failed        failed    failed
 crashed       crashed       crashed       running  running    crashed       crashed       stopping   idle       finished   failed     killed        killed    crashed
 killed        killed        killed        running  killed     killed        killed        killed     killed     killed     killed     killed        killed    killed
-preempted     preempted     preempted     running  preempted  preempted     preempted     preempted  preempted  preempted  preempted  preempted     killed    preempted
+preempted     preempted     initializing  running  preempted  preempted     preempted     preempted  preempted  preempted  preempted  preempted     killed    preempted
 """
 """Rows: the run's state; columns: the event; cells: the state after it."""
 

@@ -15,8 +15,7 @@ from typing import IO, Any
 
 import click
 
-from ledger.commands.common import fail, json_option, nats_url_or_default, nats_url_option
-from ledger.commands.progress import err_console, progress_bar
+from ledger.commands.common import err_console, fail, json_option, nats_url_or_default, nats_url_option
 
 
 @click.group()
@@ -138,6 +137,7 @@ def export(since_seq: int, until_seq: int | None, output: str, nats_url: str | N
     message. Prints a summary (to stderr when the export goes to stdout).
     """
     from ledger.archive import export_bounds, export_stream
+    from ledger.commands.progress import progress_bar
     from ledger.stream import connect, ensure_stream
 
     async def go() -> dict[str, Any]:
@@ -219,6 +219,7 @@ def import_(file: str, append: bool, nats_url: str | None, as_json: bool) -> Non
     it gives the same views. Interrupted? Run the same command again.
     """
     from ledger.archive import import_stream
+    from ledger.commands.progress import progress_bar
     from ledger.stream import connect
 
     lines = _Lines(file)

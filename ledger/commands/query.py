@@ -30,13 +30,28 @@ def runs_list(sweep: str | None, state: str | None, limit: int, after: str | Non
     print_json(data) if as_json else _tables().print_runs(console, data["runs"], data["next"])
 
 
+as_of_option = click.option("--as-of", "as_of", default=None, metavar="TIME",
+                            help="As the ledger held it at TIME (RFC 3339 with offset, stream clock), "
+                                 "e.g. 2026-11-25T03:12:00Z; read from the stream.")
+as_of_seq_option = click.option("--as-of-seq", "as_of_seq", default=None, type=click.IntRange(0), metavar="N",
+                                help="As the ledger held it at stream sequence N; read from the stream.")
+
+
+def _as_of_params(as_of: str | None, as_of_seq: int | None) -> dict[str, object]:
+    if as_of is not None and as_of_seq is not None:
+        raise click.UsageError("give --as-of or --as-of-seq, not both")
+    return {"as_of": as_of, "as_of_seq": as_of_seq}
+
+
 @runs.command("show")
 @click.argument("run_id")
+@as_of_option
+@as_of_seq_option
 @http_option
 @json_option
-def runs_show(run_id: str, http: str, as_json: bool) -> None:
-    """Show one run's current state."""
-    data = api_get(http, f"/runs/{run_id}")
+def runs_show(run_id: str, as_of: str | None, as_of_seq: int | None, http: str, as_json: bool) -> None:
+    """Show one run's current state, or its state at a past time or sequence."""
+    data = api_get(http, f"/runs/{run_id}", _as_of_params(as_of, as_of_seq))
     print_json(data) if as_json else _tables().print_record(console, f"run {run_id}", data)
 
 
@@ -66,10 +81,12 @@ def sweeps_list(http: str, as_json: bool) -> None:
 
 @sweeps.command("show")
 @click.argument("sweep_id")
+@as_of_option
+@as_of_seq_option
 @http_option
 @json_option
-def sweeps_show(sweep_id: str, http: str, as_json: bool) -> None:
-    """Show one sweep: state, runs per state, preemption queue."""
-    data = api_get(http, f"/sweeps/{sweep_id}")
+def sweeps_show(sweep_id: str, as_of: str | None, as_of_seq: int | None, http: str, as_json: bool) -> None:
+    """Show one sweep: state, runs per state, preemption queue (now, or at a past time or sequence)."""
+    data = api_get(http, f"/sweeps/{sweep_id}", _as_of_params(as_of, as_of_seq))
     print_json(data) if as_json else _tables().print_record(console, f"sweep {sweep_id}", data)
 

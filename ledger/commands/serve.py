@@ -1,4 +1,4 @@
-"""Long-running verbs: ``ledger up`` and ``ledger projector``."""
+"""Long-running verbs: ``ledger up``, ``ledger projector`` and ``ledger monitor``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import anyio
 import click
 
 from ledger.commands.common import console, json_option, nats_url_option
@@ -73,3 +74,51 @@ def projector(data_dir: Path, nats_url: str | None, until_idle: bool, as_json: b
         console.print(f"views at seq {last}")
 
 
+
+
+@click.command()
+@click.option("--data-dir", envvar="LEDGER_DATA_DIR", default="./.ledger", show_default=True,
+              type=click.Path(path_type=Path), help="Where the views database lives  [env LEDGER_DATA_DIR]")
+@nats_url_option
+@click.option("--heartbeat-timeout", envvar="LEDGER_HEARTBEAT_TIMEOUT", default=300.0, show_default=True, type=float,
+              help="Seconds without heartbeat before a run is crashed  [env LEDGER_HEARTBEAT_TIMEOUT]")
+@click.option("--interval", default=1.0, show_default=True, type=float, help="Seconds between passes over the views.")
+@click.option("--once", is_flag=True, help="One pass, then exit (prints what was appended).")
+@json_option
+def monitor(data_dir: Path, nats_url: str | None, heartbeat_timeout: float, interval: float, once: bool,
+            as_json: bool) -> None:
+    """Run the liveness monitor and the sweep reactor alone, from the views in --data-dir.
+
+    Appends run.crashed (reason heartbeat-timeout) for runs silent longer than
+    the timeout, run.killed for runs of cancelled sweeps, and sweep.finished for
+    stopped sweeps whose runs are all done, under deterministic event ids: any
+    number of monitors may run at once. `ledger up` runs one already.
+    """
+    from ledger.publisher import Publisher
+    from ledger.stream import DEFAULT_NATS_URL, connect
+    from projections.reactors import Monitor, SweepReactor
+
+    async def go() -> dict[str, int]:
+        nc = await connect(nats_url or DEFAULT_NATS_URL)
+        try:
+            publisher = Publisher(nc)
+            db_path = data_dir / "views.db"
+            crash = Monitor(db_path, publisher, timeout=heartbeat_timeout, interval=interval)
+            sweeps = SweepReactor(db_path, publisher, interval=interval)
+            if once:
+                return {"crashed": await crash.tick(), "sweep_events": await sweeps.tick()}
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(crash.run)
+                tg.start_soon(sweeps.run)
+            return {}
+        finally:
+            await nc.close()
+
+    try:
+        result = asyncio.run(go())
+    except KeyboardInterrupt:
+        return
+    if as_json:
+        print(json.dumps(result))
+    elif once:
+        console.print(f"appended {result['crashed']} crash(es) and {result['sweep_events']} sweep event(s)")
