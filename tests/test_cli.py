@@ -59,13 +59,16 @@ class Up:
 def up(cli_env: dict[str, str], tmp_path: Path, js: object) -> Iterator[tuple[Up, dict[str, str]]]:
     """``ledger up`` on the test's nats-server (fresh stream), with its HTTP address in the env."""
     http = f"127.0.0.1:{free_port()}"
-    env = {**cli_env, "LEDGER_HTTP": http, "LEDGER_DATA_DIR": str(tmp_path / "data")}
+    env = {**cli_env, "LEDGER_HTTP": http, "LEDGER_DATA_DIR": str(tmp_path / "data"),
+           "LEDGER_HEARTBEAT_TIMEOUT": HISTORICAL}
     running = Up([], env)
     yield running, env
     if running.proc.poll() is None:
         running.stop()
 
 
+HISTORICAL = str(10 * 365 * 86400)
+"""A heartbeat timeout long enough that the monitor leaves these tests' fixed, past event times alone."""
 STARTED = '{"type":"run.started","id":"e1","at":"2026-11-25T12:00:00Z","run_id":"r1","sweep_id":"s1"}'
 EXITED = '{"type":"run.exited","id":"e2","at":"2026-11-25T12:01:00+01:00","run_id":"r1","exit_code":0}'
 SWEEP = '{"type":"sweep.created","id":"e3","at":"2026-11-25T11:00:00Z","sweep_id":"s1"}'
@@ -129,6 +132,7 @@ class TestUpEmbedded:
     def test_restart_keeps_every_event_and_view(self, tmp_path: Path) -> None:
         """A second ledger up on the same data dir resumes with every event and view intact."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")}
+        env["LEDGER_HEARTBEAT_TIMEOUT"] = HISTORICAL
         nats_port, http = free_port(), f"127.0.0.1:{free_port()}"
         args = ["--data-dir", str(tmp_path / "data"), "--nats-port", str(nats_port), "--http", http]
         first = Up(args, env)
