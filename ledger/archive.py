@@ -29,13 +29,14 @@ meant something only at the original publish) are not sent at all.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import IO, Final
 
 import msgspec
@@ -45,7 +46,13 @@ from nats.js import JetStreamContext
 from ledger.errors import LedgerError, StreamUnavailable
 from ledger.publisher import MSG_ID, Publisher
 from ledger.stream import (
-    IMPORT_SEQ_HEADER, RECORDED_AT_HEADER, STREAM, StreamMessage, ensure_stream, last_seq_on, read_range,
+    IMPORT_SEQ_HEADER,
+    RECORDED_AT_HEADER,
+    STREAM,
+    StreamMessage,
+    ensure_stream,
+    last_seq_on,
+    read_range,
     recorded_at_of,
 )
 
@@ -78,7 +85,7 @@ _decoder: Final = msgspec.json.Decoder(ExportRecord)
 
 def rfc3339(value: datetime) -> str:
     """Fixed-width RFC 3339 UTC, microseconds (the views' time format)."""
-    text = _encoder.encode(value.astimezone(timezone.utc))[1:-1].decode()
+    text = _encoder.encode(value.astimezone(UTC))[1:-1].decode()
     return text if len(text) == 27 else f"{text[:-1]}.000000Z"
 
 
@@ -207,7 +214,7 @@ async def import_stream(nc: NATS, lines: Iterable[bytes], *, append: bool = Fals
     result = ImportResult()
     result.resumed_after, resume_payload = await resume_point(js, append=append)
     publisher = Publisher(nc, max_in_flight=window, timeout=30.0)
-    in_flight: deque[tuple[int, object]] = deque()
+    in_flight: deque[tuple[int, asyncio.Future[int]]] = deque()
     seen_ids = _SeenIds()
     last_seq = 0
     last_ack = 0
@@ -218,7 +225,7 @@ async def import_stream(nc: NATS, lines: Iterable[bytes], *, append: bool = Fals
         while len(in_flight) > keep:
             export_seq, future = in_flight.popleft()
             try:
-                seq = await publisher.wait(future)  # type: ignore[arg-type]
+                seq = await publisher.wait(future)
             except LedgerError as exc:
                 raise StreamUnavailable(f"import stopped at export seq {export_seq}: {exc} "
                                         "(run the same import again to resume)") from exc
@@ -259,7 +266,7 @@ async def import_stream(nc: NATS, lines: Iterable[bytes], *, append: bool = Fals
         await settle(0)
     finally:
         for _, future in in_flight:
-            future.cancel()  # type: ignore[attr-defined]
+            future.cancel()
         await publisher.close()
     if not checked:
         raise ArchiveError(f"the stream's last imported message came from export seq {result.resumed_after}, "

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 
 from ledger.errors import ResumeRefused
 from ledger.events import ResumeMode
-from ledger.machine import ALIVE, SWEEP_CLOSED, Run, Sweep, starts_new_attempt
+from ledger.machine import SWEEP_CLOSED, Run, Sweep, starts_new_attempt
 
 
 class StartRefused(ResumeRefused):
@@ -37,8 +37,11 @@ def _must_find_the_run(run: Run | None, run_id: str, mode: ResumeMode) -> None:
 
 
 def _no_twin_processes(run: Run | None, now: datetime, fresh_within: timedelta, force: bool) -> None:
-    """Two processes must not share one run id by accident: a live run is taken."""
-    if run is None or force or run.state not in ALIVE:
+    """Two processes must not share one run id by accident: a live run is taken.
+
+    ``initializing`` is not taken: it is how a claimed run from a sweep's queue waits for its agent.
+    """
+    if run is None or force or run.state not in ("running", "stopping"):
         return
     last = max((t for t in (run.last_heartbeat_at, run.started_at) if t is not None), default=None)
     if last is not None and now - last < fresh_within:

@@ -10,7 +10,7 @@ import asyncio
 import json
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Final
 
@@ -402,7 +402,7 @@ async def last_seq_on(js: JetStreamContext, subject: str = "ledger.>", *, name: 
 async def read_range(js: JetStreamContext, *, start_seq: int = 1, stop_seq: int | None = None,
                      subject: str = "ledger.>", batch_size: int = 5000, follow: bool = False,
                      stall_timeout: float = 10.0, name: str = STREAM,
-                     max_buffer: int = 20_000) -> AsyncIterator[list[StreamMessage]]:
+                     max_buffer: int = 20_000) -> AsyncGenerator[list[StreamMessage], None]:
     """The messages on ``subject`` from ``start_seq``, in stream order, in batches.
 
     Without ``follow`` it ends after the last message on ``subject`` at or below

@@ -131,7 +131,7 @@ async def sweep_runs_as_of(db: aiosqlite.Connection, sweep_id: str, *, seq: int 
     )
     async with db.execute(sql, (sweep_id, cut, cut)) as cur:
         rows = await cur.fetchall()
-    counts = dict.fromkeys(RUN_STATES, 0)
+    counts: dict[str, int] = dict.fromkeys(RUN_STATES, 0)
     for _, state, _ in rows:
         counts[state] = counts.get(state, 0) + 1
     queue = [run_id for run_id, state, last in sorted(rows, key=lambda r: (r[2], r[0])) if state == "preempted"]

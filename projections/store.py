@@ -20,8 +20,16 @@ from ledger.events import RunEvent, decode_event
 from ledger.fold import Recorded, Views
 from ledger.stream import StreamMessage, recorded_at_of
 from projections.schema import (
-    INSERT_ENTRY, SCHEMA, UPSERT_RUN, UPSERT_SWEEP, entry_row, iso, run_from_row, run_row,
-    sweep_from_row, sweep_row,
+    INSERT_ENTRY,
+    SCHEMA,
+    UPSERT_RUN,
+    UPSERT_SWEEP,
+    entry_row,
+    iso,
+    run_from_row,
+    run_row,
+    sweep_from_row,
+    sweep_row,
 )
 
 CHUNK: Final = 900

@@ -150,7 +150,7 @@ async def run_timeline(js: JetStreamContext, run_id: str, *, stall_timeout: floa
                     why=_why(outcome, event, base, after, current is None and after is not None, first_seen, changes),
                     changes=changes, history=len(views.history) > marks,
                     state=after.state if after else None, run=after))
-    summary = Counter(e.effect for e in entries)
+    summary: Counter[str] = Counter(e.effect for e in entries)
     return Timeline(run_id=run_id, events=entries, summary=dict(summary), run=views.runs.get(run_id))
 
 

@@ -4,56 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from ledger.server import free_port
-
-LEDGER = [sys.executable, "-m", "ledger.cli"]
-
-
-def ledger(*args: str, env: dict[str, str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*LEDGER, *args], env=env, input=stdin, capture_output=True, text=True, timeout=60)
-
-
-class Up:
-    """A running ``ledger up`` process and what it printed when ready."""
-
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen([*LEDGER, "up", "--json", *args], env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-        self.info = self._ready()
-
-    def _ready(self, timeout: float = 30) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.1)
-            if ready:
-                line = self.proc.stdout.readline()
-                if line:
-                    return json.loads(line)  # type: ignore[no-any-return]
-            if self.proc.poll() is not None:
-                raise AssertionError(f"ledger up exited: {self.proc.stderr.read() if self.proc.stderr else ''}")
-        raise AssertionError("ledger up did not become ready")
-
-    def stop(self, sig: int = signal.SIGINT) -> int:
-        self.proc.send_signal(sig)
-        code = self.proc.wait(30)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream:
-                stream.close()
-        return code
-
+from tests.jobs import Up, ledger
 
 @pytest.fixture
 def up(cli_env: dict[str, str], tmp_path: Path, js: object) -> Iterator[tuple[Up, dict[str, str]]]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from ledger.commands.common import console, json_option, nats_url_or_default, nats_url_option
+from ledger.commands.common import console, json_option, nats_url_option, nats_url_or_default
 from ledger.errors import LedgerError
 
 data_dir_option = click.option(
@@ -109,7 +109,7 @@ def replay(data_dir: Path, nats_url: str | None, to_seq: int | None, as_json: bo
         end = await last_seq_on(js)
         total = end if to_seq is None else min(end, to_seq)
         with progress_bar("replay", total) as bar:
-            return await run_replay(js, data_dir, to_seq=to_seq, on_progress=lambda seq, _: bar.update(0, completed=seq))
+            return await run_replay(js, data_dir, to_seq=to_seq, on_progress=lambda seq, _: bar(seq))
 
     done = asyncio.run(_with_stream(nats_url, work))
     summary = {"last_seq": done.rebuild.last_seq, "messages": done.rebuild.messages,
@@ -180,7 +180,7 @@ def verify(data_dir: Path, nats_url: str | None, as_json: bool) -> None:
             except sqlite3.Error:
                 total = None
         with progress_bar("verify", total) as bar:
-            return await run_verify(js, live, on_progress=lambda seq, _: bar.update(0, completed=seq))
+            return await run_verify(js, live, on_progress=lambda seq, _: bar(seq))
 
     report = asyncio.run(_with_stream(nats_url, work))
     if as_json:

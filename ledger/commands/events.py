@@ -15,7 +15,7 @@ from typing import IO, Any
 
 import click
 
-from ledger.commands.common import err_console, fail, json_option, nats_url_or_default, nats_url_option
+from ledger.commands.common import err_console, fail, json_option, nats_url_option, nats_url_or_default
 
 
 @click.group()
@@ -112,13 +112,12 @@ def tail(run_id: str | None, sweep_id: str | None, last: int, since_seq: int | N
         asyncio.run(go())
 
 
-def _open_output(path: str) -> tuple[IO[bytes], Path | None]:
+def _open_output(path: str) -> tuple[Any, Path | None]:
     if path == "-":
         return sys.stdout.buffer, None
     target = Path(path)
     tmp = target.with_name(f".{target.name}.partial")
-    out: IO[bytes] = gzip.open(tmp, "wb") if target.suffix == ".gz" else open(tmp, "wb")  # noqa: SIM115
-    return out, tmp
+    return (gzip.open(tmp, "wb") if target.suffix == ".gz" else open(tmp, "wb")), tmp  # noqa: SIM115
 
 
 @events.command("export")
@@ -150,7 +149,7 @@ def export(since_seq: int, until_seq: int | None, output: str, nats_url: str | N
             try:
                 with progress_bar("export", max(0, end - first + 1), "messages") as bar:
                     result = await export_stream(js, out, since_seq=since_seq, until_seq=until_seq,
-                                                 on_progress=lambda seq: bar.update(0, completed=seq - first + 1))
+                                                 on_progress=lambda seq: bar(seq - first + 1))
             except BaseException:
                 if tmp is not None:
                     out.close()
@@ -187,7 +186,7 @@ class _Lines:
             except OSError as exc:
                 fail(f"cannot read {path}: {exc.strerror}")
             self.size = os.fstat(self.raw.fileno()).st_size
-        self.lines: IO[bytes] = gzip.GzipFile(fileobj=self.raw) if path.endswith(".gz") else self.raw
+        self.lines: Any = gzip.GzipFile(fileobj=self.raw) if path.endswith(".gz") else self.raw
 
     def position(self) -> int:
         try:
@@ -229,8 +228,8 @@ def import_(file: str, append: bool, nats_url: str | None, as_json: bool) -> Non
         try:
             with progress_bar(f"import {Path(file).name}", lines.size, "bytes") as bar:
                 result = await import_stream(nc, lines, append=append, name=file,
-                                             on_progress=lambda _: bar.update(0, completed=lines.position()))
-                bar.update(0, completed=lines.size)
+                                             on_progress=lambda _: bar(lines.position()))
+                bar(lines.size)
             return {"read": result.read, "imported": result.imported, "skipped": result.skipped,
                     "duplicates": result.duplicates, "resumed_after": result.resumed_after,
                     "last_export_seq": result.last_export_seq, "stream_last_seq": result.stream_last_seq}

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
 from rich.progress import (
-    BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TaskProgressColumn, TextColumn,
-    TimeElapsedColumn, TimeRemainingColumn,
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
 )
 from rich.text import Text
 
@@ -28,10 +35,14 @@ class RateColumn(ProgressColumn):
 
 
 @contextmanager
-def progress_bar(description: str, total: int | None, unit: str = "events") -> Iterator[Progress]:
-    """A rich progress bar on stderr, shown only when stderr is a terminal. Yields the Progress (task id 0)."""
+def progress_bar(description: str, total: int | None, unit: str = "events") -> Iterator[Callable[[int | None], None]]:
+    """A rich progress bar on stderr, shown only when stderr is a terminal; yields ``update(completed)``."""
     columns = [TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), MofNCompleteColumn(),
                RateColumn(unit), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=err_console, disable=not err_console.is_terminal, transient=False) as bar:
-        bar.add_task(description, total=total)
-        yield bar
+        task = bar.add_task(description, total=total)
+
+        def update(completed: int | None) -> None:
+            bar.update(task, completed=completed)
+
+        yield update
