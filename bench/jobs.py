@@ -70,6 +70,7 @@ RATE_MIN_SHARE = 0.95  # achieved heartbeats/s must be at least this share of ru
 NOTABLE_IMPORTS = ("ledger.cli", "ledger.wrapper", "ledger.commands.audit", "ledger.commands.serve",
                    "ledger.commands.events", "click", "asyncio", "nats", "nats.js.api", "msgspec", "ulid",
                    "importlib.metadata", "aiosqlite", "anyio", "gzip", "ssl")
+NO_PYC = "ledger run -- true, PYTHONDONTWRITEBYTECODE=1, no cache dir"
 WHAT_IF = "ledger run -- true, gc.freeze() at exit [what-if]"  # the same, the final GC skipped
 
 
@@ -183,14 +184,21 @@ def bench_wrapper(args: argparse.Namespace, url: str, work: Path, say: Any) -> d
     true = shutil.which("true") or "/bin/true"
     ledger = ledger_command()
     spool = work / "wrapper-spool.db"
-    env = {**os.environ, "LEDGER_NATS_URL": url, "LEDGER_SPOOL": str(spool)}
-    for key in ("LEDGER_RUN_ID", "LEDGER_SWEEP_ID", "LEDGER_ATTEMPT"):
+    # Bytecode as a user has it (compiled once, then cached), kept under the temp dir so that the
+    # tree gets no __pycache__; the warm-ups fill it. PYTHONDONTWRITEBYTECODE (set in some sandboxes)
+    # would make every run compile the project's modules again: shown as a row of its own.
+    env = {**os.environ, "LEDGER_NATS_URL": url, "LEDGER_SPOOL": str(spool),
+           "PYTHONPYCACHEPREFIX": str(work / "pycache")}
+    for key in ("LEDGER_RUN_ID", "LEDGER_SWEEP_ID", "LEDGER_ATTEMPT", "PYTHONDONTWRITEBYTECODE"):
         env.pop(key, None)
+    env_nocache = {**env, "PYTHONDONTWRITEBYTECODE": "1"}
+    env_nocache.pop("PYTHONPYCACHEPREFIX")
     commands = {
         "true": [true],
         "ledger run -- true": [*ledger, "run", "--", "true"],
-        WHAT_IF: [py, "-c", "import atexit, gc, sys; atexit.register(gc.freeze); from ledger.cli import main; "
-                           "sys.argv[0] = 'ledger'; sys.exit(main())", "run", "--", "true"],
+        NO_PYC: [*ledger, "run", "--", "true"],
+        WHAT_IF: [py, "-c", ("import atexit, gc, sys; atexit.register(gc.freeze); from ledger.cli import main; "
+                            "sys.argv[0] = 'ledger'; sys.exit(main())"), "run", "--", "true"],
         "python -c pass": [py, "-c", "pass"],
         "python -I -S -c pass": [py, "-I", "-S", "-c", "pass"],
         "python -c 'import ledger.cli'": [py, "-c", "import ledger.cli"],
@@ -204,8 +212,8 @@ def bench_wrapper(args: argparse.Namespace, url: str, work: Path, say: Any) -> d
     for rep in range(-args.warmup, args.reps):
         rng.shuffle(names)
         for name in names:
-            wall, rc, err = timed(commands[name], env)
-            if name in ("ledger run -- true", WHAT_IF):
+            wall, rc, err = timed(commands[name], env_nocache if name == NO_PYC else env)
+            if name in ("ledger run -- true", WHAT_IF, NO_PYC):
                 wrapper_calls += 1
                 if rc != 0 or "unreachable" in err or "error" in err:
                     problems.append(f"ledger run -- true: exit {rc}: {err.strip()}")
@@ -267,6 +275,8 @@ def bench_wrapper(args: argparse.Namespace, url: str, work: Path, say: Any) -> d
     t_ledger, t_true = median(times["ledger run -- true"]), median(times["true"])
     return {
         "commands": {name: shlex.join(cmd) for name, cmd in commands.items()},
+        "bytecode_cache": str(work / "pycache"),
+        "tree_has_pyc": any((ROOT / "ledger").rglob("*.pyc")),
         "median_ms": {name: median(v) for name, v in times.items()},
         "min_ms": {name: min(v) for name, v in times.items() if v},
         "max_ms": {name: max(v) for name, v in times.items() if v},
@@ -304,6 +314,24 @@ def _rss_kib() -> dict[str, int]:
         if key in ("VmRSS", "VmHWM"):
             out[key] = int(value.split()[0])
     return out
+
+
+def _proc_io() -> dict[str, int]:
+    out = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/io").read_text().splitlines():
+            key, _, value = line.partition(":")
+            out[key] = int(value)
+    return out
+
+
+async def _loop_lag(every: float, lags: list[float]) -> None:
+    """How late the event loop wakes a sleeper (ms): its latency for every other task too."""
+    loop = asyncio.get_running_loop()
+    while True:
+        t0 = loop.time()
+        await asyncio.sleep(every)
+        lags.append(1000 * (loop.time() - t0 - every))
 
 
 def _thread_cpu() -> dict[int, float]:
@@ -345,6 +373,9 @@ async def heartbeat_client(cfg: dict[str, Any]) -> None:
 
         profiler = cProfile.Profile()
     main_tid = threading.get_native_id()
+    lags: list[float] = []
+    lag_task = asyncio.get_running_loop().create_task(_loop_lag(0.05, lags))
+    io0 = _proc_io()
     sent0 = ledger.outbox.sent
     threads0 = _thread_cpu()
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -360,7 +391,10 @@ async def heartbeat_client(cfg: dict[str, Any]) -> None:
     pt1 = time.process_time()
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     threads1 = _thread_cpu()
+    io1 = _proc_io()
     sent1 = ledger.outbox.sent
+    lag_task.cancel()
+    lags.sort()
     _emit({"phase": "window_end"})
     spool_rows = await ledger.spool.count()
     wall = w1 - w0
@@ -377,6 +411,10 @@ async def heartbeat_client(cfg: dict[str, Any]) -> None:
         "vol_ctx_switches": ru1.ru_nvcsw - ru0.ru_nvcsw,
         "invol_ctx_switches": ru1.ru_nivcsw - ru0.ru_nivcsw,
         "fs_writes": ru1.ru_oublock - ru0.ru_oublock,
+        "write_syscalls": io1.get("syscw", 0) - io0.get("syscw", 0),
+        "write_bytes": io1.get("write_bytes", 0) - io0.get("write_bytes", 0),
+        "loop_lag_ms": {"p50": lags[len(lags) // 2], "p99": lags[int(0.99 * (len(lags) - 1))], "max": lags[-1],
+                        "samples": len(lags)} if lags else None,
         "sent_in_window": sent1 - sent0,
         "spool_rows_at_window_end": spool_rows,
         "rss": _rss_kib(),
@@ -657,7 +695,8 @@ def render(s: dict[str, Any]) -> str:
         for name, value in w["median_ms"].items():
             add(f"   {name:<56}{value:>9.1f}{w['min_ms'][name]:>9.1f}{w['max_ms'][name]:>9.1f}")
         add(f"   ledger = {w['commands']['ledger run -- true']}; LEDGER_NATS_URL at the bench server, LEDGER_SPOOL in "
-            "the temp dir, no --run-id (a fresh ULID each time)")
+            "the temp dir, no --run-id (a fresh ULID each time); bytecode cached under the temp dir "
+            f"(PYTHONPYCACHEPREFIX; {'ledger/ has .pyc files' if w['tree_has_pyc'] else 'ledger/ itself has no .pyc'})")
         add("")
         add(f"   breakdown: median of {p['breakdown_reps']} runs of `ledger run -- true` under an outside harness "
             f"(total {w['harness_total_ms']:.1f} ms; the phases add up to it)")
@@ -688,7 +727,11 @@ def render(s: dict[str, Any]) -> str:
         add(f"           event-loop thread {100 * c['main_thread_cpu_s'] / wall:.1f}%, {c['threads'] - 1} other "
             f"thread(s) (aiosqlite's) {100 * c['other_threads_cpu_s'] / wall:.1f}%; context switches "
             f"{c['vol_ctx_switches'] / wall:,.0f}/s voluntary, {c['invol_ctx_switches'] / wall:,.0f}/s involuntary; "
-            f"{c['fs_writes'] / wall:,.0f} fs write blocks/s")
+            f"writes {c['write_syscalls'] / wall:,.0f} syscalls/s, {c['write_bytes'] / wall / 1e6:.1f} MB/s to disk")
+        lag = c["loop_lag_ms"]
+        if lag:
+            add(f"           event-loop lag (a 50 ms sleeper woken late by): p50 {lag['p50']:.1f} ms, p99 "
+                f"{lag['p99']:.1f} ms, max {lag['max']:.1f} ms ({lag['samples']} samples)")
         add(f"   memory: RSS {h['rss_connected_kib'] / 1024:.1f} MiB connected, {h['rss_started_kib'] / 1024:.1f} MiB "
             f"with {h['runs']:,} runs ({per_run:.1f} KiB/run), {c['rss']['VmRSS'] / 1024:.1f} MiB at window end, "
             f"peak {c['rss']['VmHWM'] / 1024:.1f} MiB")
