@@ -9,13 +9,16 @@ Starts its own embedded nats-server (temp dir, free port, the LEDGER stream via
    ``LEDGER_SPOOL`` in the temp dir and no ``--run-id``: a fresh ULID each
    time) minus that of ``true`` alone, medians of ``--reps`` runs after
    ``--warmup`` warm-ups, every command interleaved in a shuffled order per
-   rep. Context: bare ``python -c pass``, ``python -I -S -c pass`` (the
-   wrapper's gate child is such an interpreter), ``python -c "import
-   ledger.cli"`` and ``... ledger.cli, ledger.wrapper`` (every import
-   ``ledger run`` makes). Breakdown: the same ``ledger run -- true`` under a
-   harness that wraps project functions from outside (no edits) and stamps
-   CLOCK_MONOTONIC at each phase; and ``-X importtime`` of the real command,
-   top-level modules by cumulative time;
+   rep. Bytecode is cached as a user has it, under the temp dir
+   (``PYTHONPYCACHEPREFIX``: the tree gets no ``__pycache__``). Context: bare
+   ``python -c pass``, ``python -I -S -c pass`` (the wrapper's gate child is
+   such an interpreter), ``python -c "import ledger.cli"`` and ``...
+   ledger.cli, ledger.wrapper`` (every import ``ledger run`` makes), the
+   wrapper with ``PYTHONDONTWRITEBYTECODE=1`` (as some sandboxes set it) and,
+   as a what-if, with ``gc.freeze()`` at exit. Breakdown: the same ``ledger
+   run -- true`` under a harness that wraps project functions from outside
+   (no edits) and stamps CLOCK_MONOTONIC at each phase; and ``-X importtime``
+   of the real command, own time by package;
 2. heartbeat cost: ONE client process (a child of this one; the nats-server is
    another) with one ``AsyncLedger`` starts ``--runs`` runs with
    ``heartbeat=--heartbeat`` (each run heartbeats in the background), lets
@@ -28,10 +31,14 @@ Starts its own embedded nats-server (temp dir, free port, the LEDGER stream via
    hold one run.started and one run.exited per run and the spool to be empty.
 
 Usage:
-    .venv/bin/python bench/jobs.py             # full run (~1.5 min)
+    .venv/bin/python bench/jobs.py             # full run (~1 min)
     .venv/bin/python bench/jobs.py --quick     # smoke run (~20 s)
     .venv/bin/python bench/jobs.py --json      # figures as one JSON object
     .venv/bin/python bench/jobs.py --profile   # also a cProfile'd heartbeat window: where the client's CPU goes
+    .venv/bin/python bench/jobs.py --what-if   # also the heartbeat part with Spool.remove batched (client-side patch)
+    .venv/bin/python bench/jobs.py --only wrapper|heartbeat
+
+Exit status: 0 when every target is met, 1 when one is missed, 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -102,7 +109,9 @@ import asyncio, asyncio.subprocess
 import ledger.client, ledger.connection, ledger.publisher, ledger.spool
 
 def stamp(owner, name, label):
-    orig = getattr(owner, name)
+    orig = getattr(owner, name, None)
+    if orig is None:  # renamed in the tree since: that phase merges into the next one
+        return
     async def wrapped(*args, **kwargs):
         try:
             return await orig(*args, **kwargs)
@@ -229,6 +238,7 @@ def bench_wrapper(args: argparse.Namespace, url: str, work: Path, say: Any) -> d
     harness_cmd = [py, "-c", HARNESS, "run", "--", "true"]
     marks_file = work / "marks.json"
     phase_ms: dict[str, list[float]] = defaultdict(list)
+    harness_problems: list[str] = []
     harness_total: list[float] = []
     for rep in range(-1, args.breakdown_reps):
         marks_file.unlink(missing_ok=True)
@@ -237,7 +247,7 @@ def bench_wrapper(args: argparse.Namespace, url: str, work: Path, say: Any) -> d
         end = time.monotonic_ns()
         wrapper_calls += 1
         if rc != 0 or not marks_file.exists():
-            problems.append(f"harness: exit {rc}: {err.strip()[-300:]}")
+            harness_problems.append(f"harness: exit {rc}: {err.strip()[-300:]}")
             continue
         if rep < 0:
             continue
@@ -291,6 +301,7 @@ def bench_wrapper(args: argparse.Namespace, url: str, work: Path, say: Any) -> d
         "importtime_cumulative_ms": {name: median(notable[name]) for name in NOTABLE_IMPORTS if notable.get(name)},
         "wrapper_invocations": wrapper_calls,
         "problems": problems,
+        "harness_problems": harness_problems,
         "spool": str(spool),
     }
 
@@ -347,12 +358,32 @@ def _thread_cpu() -> dict[int, float]:
     return out
 
 
+def _patch_spool_remove() -> None:
+    """What-if (this process only, the project's file untouched): ``Spool.remove`` deletes its rows in
+    one transaction. As it stands, each row's DELETE autocommits: one WAL commit and fdatasync per row."""
+    from ledger.spool import Spool
+
+    async def remove(self: Any, ids: Any) -> None:
+        if ids:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                await self.db.executemany("DELETE FROM spool WHERE id = ?", [(i,) for i in ids])
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+
+    Spool.remove = remove  # type: ignore[method-assign]
+
+
 async def heartbeat_client(cfg: dict[str, Any]) -> None:
     """The measured process: one AsyncLedger, ``runs`` runs heartbeating every ``heartbeat`` s."""
     import gc
 
     from ledger.client import AsyncLedger
 
+    if cfg.get("what_if_remove"):
+        _patch_spool_remove()
     ledger = await AsyncLedger.connect(cfg["url"], spool=cfg["spool"])
     if not ledger.connected:
         raise SystemExit(f"client: NATS unreachable at {cfg['url']}")
@@ -371,7 +402,7 @@ async def heartbeat_client(cfg: dict[str, Any]) -> None:
     if cfg.get("profile"):
         import cProfile
 
-        profiler = cProfile.Profile()
+        profiler = cProfile.Profile(time.thread_time)  # CPU time of the event-loop thread, not wall time
     main_tid = threading.get_native_id()
     lags: list[float] = []
     lag_task = asyncio.get_running_loop().create_task(_loop_lag(0.05, lags))
@@ -461,19 +492,21 @@ def spool_rows(path: Path) -> int | None:
 
 
 async def run_heartbeat_client(args: argparse.Namespace, url: str, work: Path, server_pid: int, say: Any,
-                               *, profile: Path | None = None, window: float | None = None) -> dict[str, Any]:
+                               *, profile: Path | None = None, window: float | None = None,
+                               what_if_remove: bool = False) -> dict[str, Any]:
     from ledger.stream import connect
 
     window = window if window is not None else args.window
     tag = f"hb{random.Random().getrandbits(32):08x}"
     spool = work / f"{tag}-spool.db"
     cfg = {"url": url, "spool": str(spool), "runs": args.runs, "heartbeat": args.heartbeat, "settle": args.settle,
-           "window": window, "prefix": tag, "profile": str(profile) if profile else None}
+           "window": window, "prefix": tag, "profile": str(profile) if profile else None,
+           "what_if_remove": what_if_remove}
     nc = await connect(url, name="ledger-bench-jobs", reconnect=False)
     js = nc.jetstream()
     errlog = work / f"{tag}-client.stderr"
     proc = None
-    out: dict[str, Any] = {"runs": args.runs, "heartbeat_s": args.heartbeat, "window_s": window,
+    out: dict[str, Any] = {"what_if_remove": what_if_remove, "runs": args.runs, "heartbeat_s": args.heartbeat, "window_s": window,
                            "settle_s": args.settle, "spool": str(spool)}
     samples: list[int] = []
     try:
@@ -648,6 +681,39 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
+def render_heartbeat(h: dict[str, Any]) -> list[str]:
+    c = h["client"]
+    wall = c["wall_s"]
+    per_run = (h["rss_started_kib"] - h["rss_connected_kib"]) / h["runs"]
+    lines = [
+        (f"   start : {h['runs']:,} start_run() one after another in {h['start_s']:.1f} s "
+         f"({h['runs'] / h['start_s']:,.0f}/s), then {h['settle_s']:g} s to settle"),
+        (f"   CPU   : user {c['user_s']:.2f} s + sys {c['sys_s']:.2f} s over {wall:.1f} s = {h['cpu_pct']:.1f}% of one "
+         f"core (process_time {100 * c['process_time_s'] / wall:.1f}%, /proc from outside "
+         f"{h['client_cpu_pct_outside']:.1f}%); {h['cpu_us_per_heartbeat']:.0f} us per stored heartbeat"),
+        (f"           event-loop thread {100 * c['main_thread_cpu_s'] / wall:.1f}%, {c['threads'] - 1} other "
+         f"thread(s) (aiosqlite's) {100 * c['other_threads_cpu_s'] / wall:.1f}%; context switches "
+         f"{c['vol_ctx_switches'] / wall:,.0f}/s voluntary, {c['invol_ctx_switches'] / wall:,.0f}/s involuntary; "
+         f"writes {c['write_syscalls'] / wall:,.0f} syscalls/s, {c['write_bytes'] / wall / 1e6:.1f} MB/s to disk"),
+    ]
+    lag = c["loop_lag_ms"]
+    if lag:
+        lines.append(f"           event-loop lag (a 50 ms sleeper woken late by): p50 {lag['p50']:.1f} ms, p99 "
+                     f"{lag['p99']:.1f} ms, max {lag['max']:.1f} ms ({lag['samples']} samples)")
+    lines += [
+        (f"   memory: RSS {h['rss_connected_kib'] / 1024:.1f} MiB connected, {h['rss_started_kib'] / 1024:.1f} MiB "
+         f"with {h['runs']:,} runs ({per_run:.1f} KiB/run), {c['rss']['VmRSS'] / 1024:.1f} MiB at window end, "
+         f"peak {c['rss']['VmHWM'] / 1024:.1f} MiB"),
+        (f"   rate  : {h['stored_in_window']:,} heartbeats stored ({h['stored_per_s']:,.0f}/s of {h['nominal_per_s']:,.0f}"
+         f" nominal; the outbox counted {c['sent_in_window']:,} sent in the client's window); nats-server used "
+         f"{h['server_cpu_pct']:.1f}% of a core"),
+        (f"   spool : backlog sampled {h['spool_samples']} times from outside: median {h['spool_backlog_median']:.0f}, "
+         f"max {h['spool_backlog_max']} rows; {c['spool_rows_at_window_end']} at window end; all runs exited 0 in "
+         f"{c['exit_all_s']:.2f} s; close drained={c['close_drained']} in {c['close_s']:.2f} s"),
+    ]
+    return lines
+
+
 def render(s: dict[str, Any]) -> str:
     m, p = s["machine"], s["params"]
     out: list[str] = []
@@ -709,37 +775,25 @@ def render(s: dict[str, Any]) -> str:
         add("   cumulative (incl. what they import first): "
             + ", ".join(f"{k} {v:.1f}" for k, v in w["importtime_cumulative_ms"].items()))
         problems = f"; PROBLEMS: {w['problems'][:3]}" if w["problems"] else ""
+        if w["harness_problems"]:
+            problems += f"; breakdown harness failed: {w['harness_problems'][:2]}"
         add(f"   checks: {w['wrapper_invocations']} wrapper invocations; the stream got "
             f"{s.get('wrapper_stream_messages', '?')} events from them (run.started + run.exited each); "
             f"spool left: {s.get('wrapper_spool_rows', '?')} rows{problems}")
     if h:
-        c = h["client"]
-        wall = c["wall_s"]
-        per_run = (h["rss_started_kib"] - h["rss_connected_kib"]) / h["runs"]
         add("")
         add(f"2. heartbeat: one client process (pid {h['client_pid']}), one AsyncLedger, {h['runs']:,} runs started "
             f"with heartbeat={h['heartbeat_s']:g}")
-        add(f"   start : {h['runs']:,} start_run() one after another in {h['start_s']:.1f} s "
-            f"({h['runs'] / h['start_s']:,.0f}/s), then {h['settle_s']:g} s to settle")
-        add(f"   CPU   : user {c['user_s']:.2f} s + sys {c['sys_s']:.2f} s over {wall:.1f} s = {h['cpu_pct']:.1f}% of one "
-            f"core (process_time {100 * c['process_time_s'] / wall:.1f}%, /proc from outside "
-            f"{h['client_cpu_pct_outside']:.1f}%); {h['cpu_us_per_heartbeat']:.0f} us per heartbeat")
-        add(f"           event-loop thread {100 * c['main_thread_cpu_s'] / wall:.1f}%, {c['threads'] - 1} other "
-            f"thread(s) (aiosqlite's) {100 * c['other_threads_cpu_s'] / wall:.1f}%; context switches "
-            f"{c['vol_ctx_switches'] / wall:,.0f}/s voluntary, {c['invol_ctx_switches'] / wall:,.0f}/s involuntary; "
-            f"writes {c['write_syscalls'] / wall:,.0f} syscalls/s, {c['write_bytes'] / wall / 1e6:.1f} MB/s to disk")
-        lag = c["loop_lag_ms"]
-        if lag:
-            add(f"           event-loop lag (a 50 ms sleeper woken late by): p50 {lag['p50']:.1f} ms, p99 "
-                f"{lag['p99']:.1f} ms, max {lag['max']:.1f} ms ({lag['samples']} samples)")
-        add(f"   memory: RSS {h['rss_connected_kib'] / 1024:.1f} MiB connected, {h['rss_started_kib'] / 1024:.1f} MiB "
-            f"with {h['runs']:,} runs ({per_run:.1f} KiB/run), {c['rss']['VmRSS'] / 1024:.1f} MiB at window end, "
-            f"peak {c['rss']['VmHWM'] / 1024:.1f} MiB")
-        add(f"   rate  : {h['stored_in_window']:,} heartbeats stored ({h['stored_per_s']:,.0f}/s; the outbox sent "
-            f"{c['sent_in_window']:,} in the client's window); nats-server used {h['server_cpu_pct']:.1f}% of a core")
-        add(f"   spool : backlog sampled {h['spool_samples']} times from outside: median {h['spool_backlog_median']}, "
-            f"max {h['spool_backlog_max']} rows; {c['spool_rows_at_window_end']} at window end; all runs exited 0 in "
-            f"{c['exit_all_s']:.2f} s; close drained={c['close_drained']} in {c['close_s']:.2f} s")
+        out.extend(render_heartbeat(h))
+        wi = h.get("what_if")
+        if wi:
+            add("")
+            add(f"2b. WHAT-IF, not the project as it is: the same with Spool.remove patched in the client process to "
+                f"delete a batch in one transaction (pid {wi['client_pid']})")
+            add(f"   CPU {wi['cpu_pct']:.1f}% of one core, {wi['stored_per_s']:,.0f} heartbeats/s stored, spool rows at "
+                f"window end {wi['client']['spool_rows_at_window_end']} / max sampled {wi['spool_backlog_max']}: "
+                f"would be {verdict(wi['pass'])}")
+            out.extend(render_heartbeat(wi))
     prof = s.get("profile")
     if prof:
         total = prof["total_s"]
@@ -770,6 +824,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--only", choices=["wrapper", "heartbeat"], default=None, help="run one part only")
     ap.add_argument("--profile", action="store_true",
                     help="also run a second heartbeat window under cProfile and print where the client's time goes")
+    ap.add_argument("--what-if", action="store_true",
+                    help="also run the heartbeat part with Spool.remove patched (in the client only) to delete a "
+                         "batch in one transaction, to size that fix")
     ap.add_argument("--seed", type=int, default=20250303, help="seed of the interleaving order")
     ap.add_argument("--quick", action="store_true", help="smoke run: fewer reps, 500 runs, 5 s window")
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON object")
@@ -820,6 +877,9 @@ async def heartbeat_phase(args: argparse.Namespace, url: str, work: Path, server
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, interrupt)
     result = await run_heartbeat_client(args, url, work, server_pid, say)
+    if args.what_if:
+        say("heartbeat: again, with the what-if Spool.remove (one transaction per batch) patched into the client")
+        result["what_if"] = await run_heartbeat_client(args, url, work, server_pid, say, what_if_remove=True)
     prof = None
     if args.profile:
         path = work / "client.prof"

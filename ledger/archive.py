@@ -42,6 +42,7 @@ from typing import IO, Final
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
 from ledger.errors import LedgerError, StreamUnavailable
 from ledger.publisher import MSG_ID, Publisher
@@ -189,16 +190,28 @@ class ImportResult:
     stream_last_seq: int = 0
 
 
+LOOK_BACK: Final = 1000
+"""Messages ``--append`` looks back through for the last imported one (others may have been appended since)."""
+
+
 async def resume_point(js: JetStreamContext, *, append: bool) -> tuple[int, bytes | None]:
-    """The export seq the target's last message came from (0: start over) and its payload."""
+    """The export seq the target's last imported message came from (0: start over) and its payload.
+
+    That is the stream's last message; with ``append``, the last imported one
+    among the last ``LOOK_BACK`` messages (foreign messages may follow it).
+    """
     info = await js.stream_info(STREAM)
-    last = int(info.state.last_seq)
+    last, first = int(info.state.last_seq), int(info.state.first_seq)
     if last == 0 or int(info.state.messages) == 0:
         return 0, None
-    msg = await js.get_msg(STREAM, last)
-    imported = (msg.headers or {}).get(IMPORT_SEQ_HEADER)
-    if imported is not None and str(imported).isdigit():
-        return int(imported), bytes(msg.data or b"")
+    for seq in range(last, max(first, last - LOOK_BACK + 1) - 1, -1) if append else (last,):
+        try:
+            msg = await js.get_msg(STREAM, seq)
+        except NotFoundError:
+            continue  # deleted
+        imported = (msg.headers or {}).get(IMPORT_SEQ_HEADER)
+        if imported is not None and str(imported).isdigit():
+            return int(imported), bytes(msg.data or b"")
     if not append:
         raise ArchiveError(
             f"stream {STREAM} already holds {info.state.messages} messages that did not come from an import: "

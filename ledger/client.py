@@ -21,13 +21,13 @@ from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from ulid import ULID
 
 from ledger import events as ev
 from ledger.connection import Connection
 from ledger.decide import decide_queue, decide_start
 from ledger.errors import ConcurrencyConflict, StreamUnavailable
 from ledger.events import ResumeMode, check_entity_id
+from ledger.ids import new_id
 from ledger.lookup import load_run, load_sweep
 from ledger.spool import HOST, Outbox, Spool, owner_of
 from ledger.stream import DEFAULT_NATS_URL
@@ -35,11 +35,6 @@ from ledger.stream import DEFAULT_NATS_URL
 DEFAULT_HEARTBEAT_S = 30.0
 DEFAULT_FRESH_WITHIN_S = 300.0
 START_RETRIES = 8
-
-
-def new_id() -> str:
-    """A fresh event or run id (a ULID: unique, sortable, subject-safe)."""
-    return str(ULID())
 
 
 def now() -> datetime:
@@ -60,6 +55,8 @@ class AsyncRunHandle:
         self.attempt = attempt
         self.sweep_id = sweep_id
         self.heartbeat_every = heartbeat_every
+        self.started_seq = 0
+        """The stream sequence of this attempt's run.started (0 when it was spooled unchecked)."""
         self._beats: asyncio.Task[None] | None = None
 
     def _event(self, kind: type[ev.RunEvent], **fields: Any) -> ev.RunEvent:
@@ -192,11 +189,14 @@ class AsyncLedger:
                                    fresh_within=timedelta(seconds=fresh_within), force=force)
             event = ev.RunStarted(id=new_id(), at=now(), run_id=run_id, attempt=attempt, **fields)
             try:
-                await publisher.publish(event, expect_last_subject_seq=last, expect_subject=f"ledger.run.{run_id}.>")
+                seq = await publisher.publish(event, expect_last_subject_seq=last,
+                                              expect_subject=f"ledger.run.{run_id}.>")
             except ConcurrencyConflict:
                 continue  # another event of this run landed first: decide again on the new history
-            return AsyncRunHandle(self, run_id, attempt, sweep or (run.sweep_id if run else None),
-                                  heartbeat_every=heartbeat)
+            handle = AsyncRunHandle(self, run_id, attempt, sweep or (run.sweep_id if run else None),
+                                    heartbeat_every=heartbeat)
+            handle.started_seq = seq
+            return handle
         raise ConcurrencyConflict(f"run {run_id!r} kept changing while starting; gave up after {START_RETRIES} tries")
 
     async def queue_run(self, run_id: str | None = None, *, sweep: str | None = None,

@@ -12,10 +12,10 @@ from collections.abc import Iterable
 from datetime import datetime, timezone
 
 from nats.js import JetStreamContext
-from ulid import ULID
 
 from ledger import events as ev
 from ledger.errors import CommandRefused, ConcurrencyConflict
+from ledger.ids import new_id
 from ledger.lookup import load_run, load_sweep
 from ledger.machine import TERMINAL, Run, Sweep, can_move, evolve, evolve_sweep, new_sweep
 from ledger.publisher import Publisher
@@ -55,7 +55,7 @@ async def change_sweep(js: JetStreamContext, publisher: Publisher, verb: str, sw
             return sweep, False  # already so: nothing to append
         elif not can_move(sweep, kind):
             raise CommandRefused(f"cannot {verb} sweep {sweep_id!r}: it is {sweep.state}")
-        event = kind(id=str(ULID()), at=_now(), sweep_id=sweep_id, reason=reason)
+        event = kind(id=new_id(), at=_now(), sweep_id=sweep_id, reason=reason)
         try:
             await publisher.publish(event, expect_last_subject_seq=last, expect_subject=f"ledger.sweep.{sweep_id}.>")
         except ConcurrencyConflict:
@@ -76,7 +76,7 @@ async def kill_run(js: JetStreamContext, publisher: Publisher, run_id: str,
             return run, False
         if run.state in TERMINAL:
             raise CommandRefused(f"run {run_id!r} is {run.state}: nothing to kill")
-        event = ev.RunKilled(id=str(ULID()), at=_now(), run_id=run_id, attempt=run.attempt,
+        event = ev.RunKilled(id=new_id(), at=_now(), run_id=run_id, attempt=run.attempt,
                              reason=reason or "killed by user")
         try:
             await publisher.publish(event, expect_last_subject_seq=last, expect_subject=f"ledger.run.{run_id}.>")
@@ -94,7 +94,7 @@ async def claim_next(js: JetStreamContext, publisher: Publisher, queue: Iterable
             run, last = await load_run(js, run_id)
             if run is None or run.state != "preempted":
                 break  # taken by someone else meanwhile, or the views were behind
-            event = ev.RunInitializing(id=str(ULID()), at=_now(), run_id=run_id, attempt=run.attempt)
+            event = ev.RunInitializing(id=new_id(), at=_now(), run_id=run_id, attempt=run.attempt)
             try:
                 await publisher.publish(event, expect_last_subject_seq=last, expect_subject=f"ledger.run.{run_id}.>")
             except ConcurrencyConflict:

@@ -82,6 +82,7 @@ class Spool:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = await aiosqlite.connect(self.path, isolation_level=None)
             await self._db.execute("PRAGMA journal_mode=WAL")
+            await self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable across a process crash
             await self._db.execute("PRAGMA busy_timeout=10000")
             await self._db.executescript(SCHEMA)
         except (OSError, aiosqlite.Error) as exc:
@@ -112,8 +113,16 @@ class Spool:
             return [SpoolRow(*r) for r in await cur.fetchall()]
 
     async def remove(self, ids: Sequence[int]) -> None:
-        if ids:
+        """Drop acknowledged rows, in one transaction (one sync, however many rows)."""
+        if not ids:
+            return
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
             await self.db.executemany("DELETE FROM spool WHERE id = ?", [(i,) for i in ids])
+            await self.db.execute("COMMIT")
+        except BaseException:
+            await self.db.execute("ROLLBACK")
+            raise
 
     async def owners(self) -> list[str]:
         async with self.db.execute("SELECT DISTINCT owner FROM spool") as cur:
@@ -209,13 +218,12 @@ class Outbox:
                 futures = [await publisher.submit_raw(r.subject, r.payload, {"Nats-Msg-Id": r.msg_id}) for r in rows]
             except LedgerError:
                 return False
+            await asyncio.wait(futures, timeout=publisher.timeout)  # one timer per batch, not per message
             acked: list[int] = []
             failed = False
             for row, future in zip(rows, futures):
-                try:
-                    await publisher.wait(future)
-                except LedgerError:
-                    failed = True
+                if not future.done() or future.cancelled() or future.exception() is not None:
+                    failed = True  # keep this row and the ones after it: order is kept on retry
                     break
                 acked.append(row.id)
             await self.spool.remove(acked)

@@ -18,9 +18,11 @@ from typing import TextIO
 
 from ledger import events as ev
 from ledger.client import AsyncLedger, AsyncRunHandle
+from ledger.ids import new_id
 from ledger.errors import InvalidEvent, LedgerError
 from ledger.events import ResumeMode
 from ledger.spool import owner_of
+from ledger.stream import STREAM
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 GATE = """
@@ -63,8 +65,6 @@ class Wrapper:
         print(f"ledger run: {message}", file=self.stderr, flush=True)
 
     async def main(self) -> int:
-        from ledger.client import new_id
-
         generated = self.run_id is None
         run_id = self.run_id or new_id()
         ledger = await AsyncLedger.connect(self.nats_url)
@@ -125,30 +125,48 @@ class Wrapper:
             asyncio.get_running_loop().create_task(handle.signalled(sig))
 
     async def _watch_kills(self, ledger: AsyncLedger, run_id: str) -> None:
-        """SIGKILL the child when this run is killed (sweep cancel, ``ledger runs kill``)."""
+        """SIGKILL the child when this run is killed (sweep cancel, ``ledger runs kill``).
+
+        A subscription catches kills as they are appended; after every (re)connect
+        the last ``run.killed`` in the stream is checked too, so a kill appended
+        while this wrapper was starting or away from NATS is not missed.
+        """
+        subject = f"ledger.run.{run_id}.killed"
         subscribed = False
 
-        async def subscribe() -> None:
+        async def on_connect() -> None:
             nonlocal subscribed
-            nc = ledger.connection.nc
-            if subscribed or nc is None:
+            nc, js = ledger.connection.nc, ledger.connection.js
+            if nc is None or js is None:
                 return
-            subscribed = True
-            await nc.subscribe(f"ledger.run.{run_id}.killed", cb=self._on_killed)
+            if not subscribed:
+                subscribed = True
+                await nc.subscribe(subject, cb=self._on_killed)
+            try:
+                last = await js.get_last_msg(STREAM, subject)
+            except Exception:  # none yet, or NATS went away again: the subscription still stands
+                return
+            self._kill_if_ours(last.subject, last.data or b"", int(last.seq or 0))
 
-        ledger.connection.on_connect(subscribe)
-        await subscribe()
+        ledger.connection.on_connect(on_connect)
+        await on_connect()
 
     async def _on_killed(self, msg: object) -> None:
+        self._kill_if_ours(msg.subject, msg.data, None)  # type: ignore[attr-defined]
+
+    def _kill_if_ours(self, subject: str, data: bytes, seq: int | None) -> None:
         try:
-            event = ev.decode_event(msg.subject, msg.data)  # type: ignore[attr-defined]
+            event = ev.decode_event(subject, data)
         except InvalidEvent:
             return
         handle, proc = self.handle, self.proc
-        if handle is None or proc is None or proc.returncode is not None:
+        if handle is None or proc is None or proc.returncode is not None or self.killed_by is not None:
             return
-        if event.attempt is not None and handle.attempt is not None and event.attempt != handle.attempt:  # type: ignore[union-attr]
-            return  # a kill of another attempt
+        if event.attempt is not None and handle.attempt is not None:  # type: ignore[union-attr]
+            if event.attempt != handle.attempt:  # type: ignore[union-attr]
+                return  # a kill of another attempt
+        elif seq is not None and seq < handle.started_seq:
+            return  # an old kill, from before this attempt started
         self.killed_by = event.id
         try:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -55,20 +55,26 @@ def file_identity(path: Path | str) -> tuple[int, int] | None:
 
 
 async def open_db(path: Path | str, *, readonly: bool = False) -> aiosqlite.Connection:
-    """Open the views database in WAL mode, creating the schema when writable."""
+    """Open the views database in WAL mode, creating the schema when writable.
+
+    A failure or a cancellation after connecting closes the connection: a
+    leaked aiosqlite connection keeps a non-daemon thread alive, and the
+    process then never exits.
+    """
     if readonly:
         db = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
     else:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         db = await aiosqlite.connect(path, isolation_level=None)
-        try:
+    try:
+        await db.execute("PRAGMA busy_timeout=5000")
+        if not readonly:
             await _set_wal(db)
             await db.execute("PRAGMA synchronous=NORMAL")
             await db.executescript(SCHEMA)
-        except BaseException:
-            await db.close()
-            raise
-    await db.execute("PRAGMA busy_timeout=5000")
+    except BaseException:
+        await asyncio.shield(db.close())
+        raise
     return db
 
 

@@ -283,3 +283,19 @@ class TestGolden:
         """A decoded golden event encodes back to a payload that decodes to the same event."""
         event = decode_event(subject, (GOLDEN / name).read_bytes())
         assert event == decode_event(subject, encode_event(event))
+
+
+class TestIds:
+    def test_new_ids_are_unique_safe_and_time_ordered(self) -> None:
+        """Generated ids are 26-char ULIDs, valid event and entity ids, distinct, and ordered by millisecond."""
+        import time
+
+        from ledger.events import ENTITY_ID_RE, EVENT_ID_RE
+        from ledger.ids import new_id
+
+        first = [new_id() for _ in range(1000)]
+        time.sleep(0.002)  # crossing a millisecond boundary is the behaviour under test, not a synchronisation
+        later = new_id()
+        assert 1000 == len(set(first))
+        assert all(len(i) == 26 and EVENT_ID_RE.match(i) and ENTITY_ID_RE.match(i) for i in first)
+        assert max(i[:10] for i in first) < later[:10]

@@ -194,6 +194,21 @@ class TestArchive:
         appended = await import_stream(other_nc, lines, append=True)
         assert (3, 4) == (appended.imported, appended.stream_last_seq)
 
+    async def test_append_resumes_after_foreign_messages(
+        self, js: JetStreamContext, publisher: Publisher, other_nc: NATS,
+    ) -> None:
+        """--append after an interrupted import and new live messages resumes after the last imported one."""
+        for i in range(6):
+            await publisher.publish(started(f"a{i}"))
+        lines = await export_to_lines(js)
+        await import_stream(other_nc, lines[:4])
+        other_js = other_nc.jetstream()
+        await other_js.publish("ledger.run.live.started", b"{}")
+        with pytest.raises(ArchiveError, match="--append"):
+            await import_stream(other_nc, lines)
+        resumed = await import_stream(other_nc, lines, append=True)
+        assert (4, 4, 2, 7) == (resumed.resumed_after, resumed.skipped, resumed.imported, resumed.stream_last_seq)
+
     async def test_bad_export_line_is_a_clear_error(self, other_nc: NATS) -> None:
         """A line that is not an export record names the file and the line."""
         with pytest.raises(ArchiveError, match="dump.jsonl line 2: not an export record"):
@@ -389,8 +404,8 @@ def build(kind: str, run: str, k: int, attempt: int) -> tuple[str, bytes, bool]:
         made = ev.RunCrashed(id=f"e{k}", at=_at(t), run_id=run, reason="heartbeat-timeout", last_heartbeat_at=_at(t - 2))
     elif kind == "stale":
         made = heartbeat(run, t=t, id=f"e{k}", attempt=attempt + 3)
-    elif kind == "duplicate":
-        made = heartbeat(run, t=t, id="dup", attempt=attempt)
+    elif kind == "duplicate":  # the run's own repeated id (ids are unique across runs: see projections.timeline)
+        made = heartbeat(run, t=t, id=f"dup-{run}", attempt=attempt)
         return subject_of(made), encode_event(made), False  # beyond the dedup window: stored again
     elif kind == "bad":
         return f"ledger.run.{run}.exited", b'{"type": "run.exited", "id": "x"', False
@@ -458,7 +473,7 @@ async def check_as_of(url: str, steps: list[tuple[str, str, int]], cuts: list[in
 
 
 class TestAsOf:
-    @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(steps=histories, cuts=st.lists(st.integers(0, 32), min_size=1, max_size=4))
     def test_as_of_matches_a_replay_stopped_there(self, nats_url: str, steps: list[tuple[str, str, int]],
                                                   cuts: list[int]) -> None:

@@ -97,8 +97,10 @@ def replay(data_dir: Path, nats_url: str | None, to_seq: int | None, as_json: bo
 
     With --to-seq N the swapped-in views stop at N. A running projector then
     continues from N at once (that is expected): the views catch up with the
-    stream again within moments. To look at the ledger as of N, prefer the
-    as-of queries (ledger runs show ID --as-of-seq N), or stop `ledger up` first.
+    stream again within moments, and meanwhile readers (and that ledger's
+    monitor and sweep reactor) see views that are behind. To look at the
+    ledger as of N, prefer the as-of queries (ledger runs show ID --as-of-seq
+    N); to keep views at N, stop `ledger up` first.
     """
     from ledger.commands.progress import progress_bar
     from projections.rebuild import replay as run_replay

@@ -205,7 +205,8 @@ class _Lines:
 @events.command("import")
 @click.argument("file")
 @click.option("--append", is_flag=True,
-              help="Import even though the stream holds messages that did not come from an import (added after them).")
+              help="Import even though the stream holds messages that did not come from an import (added after them; "
+                   "resumes after the last imported message among the last 1000).")
 @nats_url_option
 @json_option
 def import_(file: str, append: bool, nats_url: str | None, as_json: bool) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 
 import click
@@ -60,8 +61,11 @@ def run(run_id: str | None, sweep: str | None, resume: str, heartbeat: float, fo
     """
     from ledger.wrapper import run_command
 
-    sys.exit(run_command(command, run_id=run_id, sweep=sweep, resume=resume, heartbeat=heartbeat, force=force,
-                         nats_url=nats_url, drain=drain))
+    code = run_command(command, run_id=run_id, sweep=sweep, resume=resume, heartbeat=heartbeat, force=force,
+                       nats_url=nats_url, drain=drain)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # everything is sent or spooled and closed: skip ~30 ms of interpreter teardown
 
 
 @click.command()
