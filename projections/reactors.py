@@ -32,6 +32,11 @@ Clock = Callable[[], datetime]
 SUPPRESS_S = 10.0
 """A derived event already sent is not sent again for this long (the views may lag behind it)."""
 
+MAX_LAG = 1000
+"""Derive nothing while the views are more than this many stream messages behind."""
+MIN_GAP_S = 0.05
+"""At most one pass per this many seconds, however often the views move."""
+
 _LIVE = "('finished', 'failed', 'killed')"
 
 
@@ -82,15 +87,23 @@ class Reactor:
         task_status.started()
         seen = self.notifier.last_seq if self.notifier else 0
         while True:
-            try:
-                await self.tick()
-            except (LedgerError, aiosqlite.Error):
-                pass  # NATS away or the views being swapped: the next tick tries again
+            started = time.monotonic()
+            if not self._views_behind():
+                try:
+                    await self.tick()
+                except (LedgerError, aiosqlite.Error):
+                    pass  # NATS away or the views being swapped: the next tick tries again
+            await asyncio.sleep(max(0.0, MIN_GAP_S - (time.monotonic() - started)))
             if self.notifier is not None:
                 await self.notifier.wait_for(seen + 1, self.interval)  # wake as soon as the views move
                 seen = self.notifier.last_seq
             else:
                 await asyncio.sleep(self.interval)
+
+    def _views_behind(self) -> bool:
+        """Views far behind the stream (a catch-up, a replay --to-seq) would imply stale facts: wait."""
+        n = self.notifier
+        return n is not None and n.stream_last_seq - n.last_seq > MAX_LAG
 
 
 class Monitor(Reactor):
