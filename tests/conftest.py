@@ -4,10 +4,12 @@ files in tmp_path. No mocks of NATS or SQLite."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -16,6 +18,8 @@ from nats.js.errors import NotFoundError
 from ledger.publisher import Publisher
 from ledger.server import EmbeddedNats, free_port
 from ledger.stream import STREAM, connect, ensure_stream
+from projections.api import ApiState, api_server
+from projections.projector import Projector, SeqNotifier
 
 
 @pytest.fixture(scope="session")
@@ -69,3 +73,40 @@ def cli_env(nats_url: str) -> dict[str, str]:
     env["LEDGER_NATS_URL"] = nats_url
     env.pop("LEDGER_HTTP", None)
     return env
+
+
+class Started:
+    """A task_status for a task run with asyncio.create_task: wait() until it reports started."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def started(self, value: object = None) -> None:
+        self._event.set()
+
+    async def wait(self) -> None:
+        async with asyncio.timeout(10):
+            await self._event.wait()
+
+
+@pytest.fixture
+async def api(js: JetStreamContext, db_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    """A projector and the API over one views database, with the stream for as-of and audit reads,
+    as ``ledger up`` runs them."""
+    notifier = SeqNotifier()
+    port = free_port()
+    server = api_server(ApiState(db_path, notifier=notifier, js=js), "127.0.0.1", port)
+    ready = Started()
+    projector = asyncio.create_task(Projector(js, db_path, notifier=notifier, idle_poll=0.2).run(task_status=ready))
+    await ready.wait()  # as `ledger up` does (tg.start): a projector cancelled while opening leaks its database
+    serving = asyncio.create_task(server.serve())
+    async with asyncio.timeout(10):
+        while not server.started:
+            await asyncio.sleep(0.01)  # uvicorn exposes readiness only as a flag
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+        yield client
+    server.should_exit = True
+    await serving
+    projector.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await projector

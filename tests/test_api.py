@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,51 +11,12 @@ from nats.js import JetStreamContext
 from ledger import events as ev
 from ledger.machine import RUN_STATES
 from ledger.publisher import Publisher
-from ledger.server import free_port
-from projections.api import ApiState, api_server
-from projections.projector import Projector, SeqNotifier
 from tests.factory import exited, heartbeat, preempting, started, sweep
 
 RUN_FIELDS = {"run_id", "sweep_id", "state", "attempt", "created_at", "started_at", "ended_at", "last_heartbeat_at",
               "step", "progress", "exit_code", "signal", "preempting", "reproduced_from", "seq"}
 ENTRY_FIELDS = {"state", "at", "recorded_at", "seq", "event_id", "event_type", "reason"}
 SWEEP_FIELDS = {"sweep_id", "state", "created_at", "updated_at", "runs", "queue"}
-
-
-class Started:
-    """A task_status for a task run with asyncio.create_task: wait() until it reports started."""
-
-    def __init__(self) -> None:
-        self._event = asyncio.Event()
-
-    def started(self, value: object = None) -> None:
-        self._event.set()
-
-    async def wait(self) -> None:
-        async with asyncio.timeout(10):
-            await self._event.wait()
-
-
-@pytest.fixture
-async def api(js: JetStreamContext, db_path: Path) -> AsyncIterator[httpx.AsyncClient]:
-    """A projector and the API over one views database, as ``ledger up`` runs them."""
-    notifier = SeqNotifier()
-    port = free_port()
-    server = api_server(ApiState(db_path, notifier=notifier, js=js), "127.0.0.1", port)
-    ready = Started()
-    projector = asyncio.create_task(Projector(js, db_path, notifier=notifier, idle_poll=0.2).run(task_status=ready))
-    await ready.wait()  # as `ledger up` does (tg.start): a projector cancelled while opening leaks its database
-    serving = asyncio.create_task(server.serve())
-    async with asyncio.timeout(10):
-        while not server.started:
-            await asyncio.sleep(0.01)  # uvicorn exposes readiness only as a flag
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-        yield client
-    server.should_exit = True
-    await serving
-    projector.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await projector
 
 
 async def get_json(client: httpx.AsyncClient, path: str, status: int = 200, **params: Any) -> Any:

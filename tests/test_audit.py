@@ -3,7 +3,6 @@ and the ``ledger events|audit|replay|verify`` commands as a user runs them."""
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import json
 import os
@@ -13,7 +12,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +23,10 @@ from ledger import events as ev
 from ledger.events import encode_event, subject_of
 from ledger.publisher import Publisher
 from ledger.server import free_port
-from projections.api import ApiState, api_server
-from projections.projector import Projector, SeqNotifier
+from projections.projector import Projector
 from projections.timeline import run_timeline
 from tests.factory import at, dump_views, eid, exited, heartbeat, preempting, run_row, started, sweep
-from tests.test_api import Started, get_json
+from tests.test_api import get_json
 from tests.test_replay import other_nc, other_server  # noqa: F401  (fixtures)
 
 LEDGER = [sys.executable, "-m", "ledger.cli"]
@@ -91,29 +88,6 @@ class TestTimeline:
     async def test_unknown_run_has_an_empty_trail(self, js: JetStreamContext) -> None:
         """A run with no message has no events (the endpoint and the command answer 404 / an error)."""
         assert [] == (await run_timeline(js, "ghost")).events
-
-
-@pytest.fixture
-async def api(js: JetStreamContext, db_path: Path) -> AsyncIterator[httpx.AsyncClient]:
-    """A projector and the API over one views database, with the stream for as-of and audit reads."""
-    notifier = SeqNotifier()
-    port = free_port()
-    server = api_server(ApiState(db_path, notifier=notifier, js=js), "127.0.0.1", port)
-    ready = Started()
-    projector = Projector(js, db_path, notifier=notifier, idle_poll=0.2)
-    task = asyncio.create_task(projector.run(task_status=ready))
-    await ready.wait()
-    serving = asyncio.create_task(server.serve())
-    async with asyncio.timeout(10):
-        while not server.started:
-            await asyncio.sleep(0.01)  # uvicorn exposes readiness only as a flag
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-        yield client
-    server.should_exit = True
-    await serving
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
 
 
 class TestHttp:
