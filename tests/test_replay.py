@@ -230,7 +230,7 @@ async def serving(js: JetStreamContext, data_dir: Path, *, with_projector: bool)
     notifier = SeqNotifier()
     projector = None
     if with_projector:
-        from tests.test_api import Started
+        from tests.conftest import Started
 
         ready = Started()
         projector = asyncio.create_task(Projector(js, db_path, notifier=notifier, idle_poll=0.1).run(task_status=ready))
