@@ -81,13 +81,30 @@ class Spool:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = await aiosqlite.connect(self.path, isolation_level=None)
-            await self._db.execute("PRAGMA journal_mode=WAL")
-            await self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable across a process crash
             await self._db.execute("PRAGMA busy_timeout=10000")
-            await self._db.executescript(SCHEMA)
+            await self._retry_locked("PRAGMA journal_mode=WAL")
+            await self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable across a process crash
+            await self._retry_locked(SCHEMA, script=True)
         except (OSError, aiosqlite.Error) as exc:
             raise LedgerError(f"cannot open the spool {self.path}: {exc}") from exc
         return self
+
+    async def _retry_locked(self, sql: str, *, script: bool = False, attempts: int = 200) -> None:
+        """Run set-up SQL, retrying while another process creates the same spool file.
+
+        Switching a new file to WAL takes a lock SQLite's busy handler does not wait for.
+        """
+        for attempt in range(attempts):
+            try:
+                if script:
+                    await self.db.executescript(sql)
+                else:
+                    await (await self.db.execute(sql)).close()
+                return
+            except aiosqlite.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == attempts - 1:
+                    raise
+                await asyncio.sleep(0.025)
 
     @property
     def db(self) -> aiosqlite.Connection:

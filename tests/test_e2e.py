@@ -102,7 +102,8 @@ class TestExits:
         """A process exiting 0 ends finished, one exiting 1 ends failed; the wrapper passes the code on."""
         ok = cluster.run("--run-id", "ok", "--", "true")
         bad = cluster.run("--run-id", "bad", "--", "sh", "-c", "exit 1")
-        assert (0, 1) == (ok.wait(30), bad.wait(30))
+        ok_out, bad_out = ok.communicate(timeout=30), bad.communicate(timeout=30)
+        assert (0, 1) == (ok.returncode, bad.returncode), (ok_out, bad_out)
         assert (0, None) == (cluster.wait_state("ok", "finished")["exit_code"], cluster.state("ok")["signal"])
         assert 1 == cluster.wait_state("bad", "failed")["exit_code"]
         history = cluster.json("runs", "history", "bad")["history"]

@@ -148,3 +148,19 @@ async def _count(server: Server, run_id: str, kind: str, at_least: int) -> bool:
 
 async def _spool_at_least(path: Path, n: int) -> bool:
     return await spooled(path) >= n
+
+
+class TestSpoolFile:
+    async def test_many_jobs_open_one_new_spool_at_once(self, tmp_path: Path) -> None:
+        """Jobs starting together on one new spool file all open it (WAL set-up races are retried)."""
+        import asyncio
+
+        path = tmp_path / "shared-spool.db"
+        spools = await asyncio.gather(*(Spool(path).open() for _ in range(8)))
+        try:
+            for i, spool in enumerate(spools):
+                await spool.add(f"h:{i}", [("ledger.run.r.heartbeat", b"{}", f"id{i}")])
+            assert 8 == await spools[0].count()
+        finally:
+            for spool in spools:
+                await spool.close()
