@@ -205,7 +205,7 @@ class Outbox:
                 pass
             self._wake.clear()
             await self._spool_queued()
-            sent_all = await self._send()
+            sent_all = await self.send_spooled()
             delay = self.retry_after if sent_all else min(delay * 2, 5.0)
             if sent_all and not self._queue:
                 self._idle.set()
@@ -225,8 +225,8 @@ class Outbox:
             if not future.done():
                 future.set_result(None)
 
-    async def _send(self) -> bool:
-        """Send the spooled rows in order; True when none is left."""
+    async def send_spooled(self) -> bool:
+        """Send the owners' spooled rows in order; True when none is left."""
         publisher = self.connection.publisher
         if publisher is None:
             return await self.spool.count(self.owners) == 0

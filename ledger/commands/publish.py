@@ -75,9 +75,9 @@ def run(run_id: str | None, sweep: str | None, resume: str, heartbeat: float, fo
 @json_option
 def sync(nats_url: str | None, spool_path: str | None, everything: bool, as_json: bool) -> None:
     """Send the events a dead job left in the local spool, in order."""
-    from ledger.spool import Spool, owner_alive
-    from ledger.publisher import Publisher
-    from ledger.stream import connect
+    from ledger.connection import Connection
+    from ledger.errors import StreamUnavailable
+    from ledger.spool import Outbox, Spool, owner_alive
 
     async def go() -> tuple[int, int]:
         spool = await Spool(spool_path).open()
@@ -85,20 +85,16 @@ def sync(nats_url: str | None, spool_path: str | None, everything: bool, as_json
             owners = [o for o in await spool.owners() if everything or not owner_alive(o)]
             if not owners:
                 return 0, await spool.count()
-            nc = await connect(nats_url_or_default(nats_url), reconnect=False)
-            publisher = Publisher(nc)
-            sent = 0
+            connection = Connection(nats_url_or_default(nats_url))
+            if not await connection.try_connect():
+                raise StreamUnavailable(connection.error or "cannot connect to NATS")
+            outbox = Outbox(spool, owners[0], connection, also=owners[1:])
             try:
-                while rows := await spool.pending(owners):
-                    futures = [await publisher.submit_raw(r.subject, r.payload, {"Nats-Msg-Id": r.msg_id})
-                               for r in rows]
-                    for future in futures:
-                        await publisher.wait(future)
-                    await spool.remove([r.id for r in rows])
-                    sent += len(rows)
+                if not await outbox.send_spooled():
+                    raise StreamUnavailable(f"NATS did not take every spooled event ({outbox.sent} sent)")
             finally:
-                await nc.close()
-            return sent, await spool.count()
+                await connection.close()
+            return outbox.sent, await spool.count()
         finally:
             await spool.close()
 
