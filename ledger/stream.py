@@ -264,7 +264,8 @@ class PullReader:
 
     async def _delete(self, name: str) -> None:
         try:
-            await asyncio.wait_for(self.js.delete_consumer(self.stream, name), 2.0)
+            async with asyncio.timeout(2.0):  # not wait_for: on 3.11 it can swallow a cancellation
+                await self.js.delete_consumer(self.stream, name)
         except Exception:  # gone already, or the server is away: it expires on its own
             pass
 

@@ -106,7 +106,14 @@ async def api(js: JetStreamContext, db_path: Path) -> AsyncIterator[httpx.AsyncC
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
         yield client
     server.should_exit = True
-    await serving
-    projector.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await projector
+    async with asyncio.timeout(30):
+        await serving
+    await stop_task(projector)
+
+
+async def stop_task(task: asyncio.Task[object], timeout: float = 30) -> None:
+    """Cancel a worker task and wait (bounded) until it has ended: cancelled, not still running."""
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=timeout)
+    assert task in done, f"{task.get_name()} did not stop within {timeout:g} s of its cancellation"
+    assert task.cancelled() or task.exception() is None

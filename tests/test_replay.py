@@ -246,11 +246,12 @@ async def serving(js: JetStreamContext, data_dir: Path, *, with_projector: bool)
             yield client
     finally:
         server.should_exit = True
-        await task
+        async with asyncio.timeout(30):
+            await task
         if projector is not None:
-            projector.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await projector
+            from tests.conftest import stop_task
+
+            await stop_task(projector)
 
 
 async def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
