@@ -30,7 +30,7 @@ MAX_EVENT_BYTES: Final = 64 * 1024
 """Payloads above this are quarantined: lifecycle events are small facts."""
 
 
-class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type"):
+class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type", gc=False):
     """Common envelope of every event."""
 
     id: EventId

@@ -20,7 +20,7 @@ from ledger.machine import Effect, Run, Sweep, evolve_sweep, new_run, new_sweep,
 Kind: TypeAlias = Literal["run", "sweep"]
 
 
-class Recorded(msgspec.Struct, frozen=True):
+class Recorded(msgspec.Struct, frozen=True, gc=False):
     """An event as the stream recorded it: its sequence and the stream's clock."""
 
     seq: int
@@ -28,7 +28,7 @@ class Recorded(msgspec.Struct, frozen=True):
     event: AnyEvent
 
 
-class Entry(msgspec.Struct, frozen=True, kw_only=True):
+class Entry(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One state change of a run or sweep (the contract's history Entry)."""
 
     state: str
@@ -60,21 +60,25 @@ class Views:
     def apply(self, rec: Recorded) -> Effect | Literal["duplicate"]:
         """Apply one recorded event; return what it did."""
         event = rec.event
-        if event.id in self.seen:
+        event_id = event.id
+        seen = self.seen
+        if event_id in seen:
             return "duplicate"
-        self.seen.add(event.id)
-        self.new_ids.append((event.id, rec.seq))
+        seen.add(event_id)
+        self.new_ids.append((event_id, rec.seq))
         if isinstance(event, RunEvent):
-            old_run = self.runs.get(event.run_id)
-            base = old_run if old_run is not None else new_run(event)
-            result, run = step(base, event)  # type: ignore[arg-type]
-            if result != "applied" and old_run is not None:
-                return result
-            run = replace(run, seq=rec.seq)
-            self.runs[run.run_id] = run
-            self.dirty_runs.add(run.run_id)
-            if old_run is None or (old_run.state, old_run.attempt) != (run.state, run.attempt):
-                self.history.append(("run", run.run_id, self._entry(run.state, rec)))
+            run_id = event.run_id
+            old_run = self.runs.get(run_id)
+            if old_run is None:
+                result, run = step(new_run(event), event)  # type: ignore[arg-type]
+            else:
+                result, run = step(old_run, event)  # type: ignore[arg-type]
+                if result != "applied":
+                    return result
+            self.runs[run_id] = run = replace(run, seq=rec.seq)
+            self.dirty_runs.add(run_id)
+            if old_run is None or old_run.state != run.state or old_run.attempt != run.attempt:
+                self.history.append(("run", run_id, self._entry(run.state, rec)))
             return "applied"
         assert isinstance(event, SweepEvent)
         old_sweep = self.sweeps.get(event.sweep_id)

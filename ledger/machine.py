@@ -39,7 +39,7 @@ SWEEP_CLOSED: Final = frozenset({"paused", "stopped"}) | SWEEP_TERMINAL
 """A sweep in one of these takes no new runs."""
 
 
-class Run(msgspec.Struct, frozen=True, kw_only=True):
+class Run(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """The current state of one run (the contract's Run shape)."""
 
     run_id: str
@@ -63,7 +63,7 @@ class Run(msgspec.Struct, frozen=True, kw_only=True):
         return self.state in TERMINAL
 
 
-class Sweep(msgspec.Struct, frozen=True, kw_only=True):
+class Sweep(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """The current state of one sweep, without the counts derived from its runs."""
 
     sweep_id: str
@@ -100,9 +100,9 @@ def step(run: Run, event: AnyRunEvent) -> tuple[Effect, Run]:
     """Apply one run event and say what it did: applied, or why it changed nothing."""
     if fenced(run, event):
         return "stale", run
-    if isinstance(event, RunHeartbeat) and (run.terminal or run.state == "preempted"):
+    if type(event) is RunHeartbeat and (run.state in TERMINAL or run.state == "preempted"):
         return "late", run
-    new = evolve(run, event)
+    new = _unfenced(run, event)
     return ("unchanged" if new is run or new == run else "applied"), new
 
 
@@ -119,6 +119,13 @@ def evolve(run: Run, event: AnyRunEvent) -> Run:
     """Apply one run event (rules 1-10 of CONTRACT section 2). Total: never raises."""
     if fenced(run, event):
         return run  # rule 10: a zombie of another attempt
+    return _unfenced(run, event)
+
+
+def _unfenced(run: Run, event: AnyRunEvent) -> Run:
+    """``evolve`` once the event is known to belong to the run's attempt (rules 1-9)."""
+    if type(event) is RunHeartbeat:  # most of any stream: decided before the match below
+        return _heartbeat(run, event)
     match event:
         case RunQueued():
             if run.state != "pending" or run.started_at is not None:
@@ -145,18 +152,7 @@ def evolve(run: Run, event: AnyRunEvent) -> Run:
                 preempting=False,
             )
         case RunHeartbeat():
-            if run.terminal or run.state == "preempted":
-                return run  # rule 3: late
-            latest = run.last_heartbeat_at
-            revived = run.state in ("pending", "initializing", "crashed")
-            return replace(
-                run,
-                state="running" if revived else run.state,
-                ended_at=None if revived else run.ended_at,
-                last_heartbeat_at=event.at if latest is None or event.at > latest else latest,
-                step=event.step if event.step is not None else run.step,
-                progress=event.progress if event.progress is not None else run.progress,
-            )
+            return _heartbeat(run, event)
         case RunSignalled():
             return run if run.terminal else replace(run, signal=event.signal)
         case RunPreempting():
@@ -188,6 +184,32 @@ def evolve(run: Run, event: AnyRunEvent) -> Run:
             return _ended(run, "crashed", event.at)
         case _:
             return run
+
+
+def _heartbeat(run: Run, event: RunHeartbeat) -> Run:
+    """Rule 3: a heartbeat keeps a live run's clock and progress, revives a pending/crashed one."""
+    state = run.state
+    if state in TERMINAL or state == "preempted":
+        return run  # late
+    latest = run.last_heartbeat_at
+    if state in _REVIVED:
+        return replace(
+            run,
+            state="running",
+            ended_at=None,
+            last_heartbeat_at=event.at if latest is None or event.at > latest else latest,
+            step=event.step if event.step is not None else run.step,
+            progress=event.progress if event.progress is not None else run.progress,
+        )
+    return replace(
+        run,
+        last_heartbeat_at=event.at if latest is None or event.at > latest else latest,
+        step=event.step if event.step is not None else run.step,
+        progress=event.progress if event.progress is not None else run.progress,
+    )
+
+
+_REVIVED: Final = frozenset({"pending", "initializing", "crashed"})
 
 
 _SWEEP_MOVES: Final[dict[type, tuple[frozenset[str], SweepState]]] = {

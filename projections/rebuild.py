@@ -29,28 +29,25 @@ import re
 import sqlite3
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, TypeVar
 
-import msgspec
 from nats.js import JetStreamContext
 
 from ledger.errors import LedgerError
-from ledger.events import RunEvent
 from ledger.fold import Views
 from ledger.machine import Run, Sweep
 from ledger.stream import StreamMessage, last_seq_on, read_range
-from projections.schema import RUN_COLUMNS, SCHEMA, SWEEP_COLUMNS, run_from_row, sweep_from_row
-from projections.store import batch_writes, decode_batch
+from projections.schema import SCHEMA
+from projections.store import BatchKeys, batch_writes, decode_batch, views_from_rows
 
 VIEWS: Final = "views.db"
 GENERATION_RE: Final = re.compile(r"^views-(\d+)\.db$")
 CACHE_ENTITIES: Final = 10_000
 """Runs (and sweeps) kept in memory between batches; the rest are read back from the file."""
 _INDEXES: Final = ("runs_by_sweep", "runs_by_state")
-_json_list: Final = msgspec.json.Encoder()
 
 Progress = Callable[[int, int], None]
 """Called after each batch with (last sequence applied, last sequence to apply)."""
@@ -77,7 +74,7 @@ class RebuildResult:
 class _Cache(OrderedDict[K, V]):
     """An LRU of the runs or sweeps recent batches touched; a plain dict to ``Views``."""
 
-    def touch(self, keys: list[K]) -> list[K]:
+    def touch(self, keys: Iterable[K]) -> list[K]:
         """Mark ``keys`` recently used; return those not cached."""
         missing = []
         for key in keys:
@@ -107,33 +104,22 @@ class _Builder:
         self.sweeps: _Cache[str, Sweep] = _Cache()
         self.cache_size = cache_size
 
-    def _load(self, sql: str, keys: list[str]) -> list[tuple]:
-        return self.con.execute(sql, (_json_list.encode(keys),)).fetchall() if keys else []
-
     def apply(self, msgs: list[StreamMessage]) -> Counter[str]:
         """Fold one batch and write it with its checkpoint, as ``store.apply_batch`` does."""
         good, bad = decode_batch(msgs)
         outcomes: Counter[str] = Counter()
         outcomes["quarantined"] = len(bad)
-        ids = list({rec.event.id for rec in good})
-        seen = {row[0] for row in self._load(
-            "SELECT s.event_id FROM json_each(?) AS j CROSS JOIN seen AS s ON s.event_id = j.value", ids)}
-        run_ids = list({rec.event.run_id for rec in good if isinstance(rec.event, RunEvent)})
-        sweep_ids = list({rec.event.sweep_id for rec in good if not isinstance(rec.event, RunEvent)})  # type: ignore[union-attr]
-        for row in self._load(f"SELECT {', '.join('r.' + c for c in RUN_COLUMNS)} FROM json_each(?) AS j "
-                              "CROSS JOIN runs AS r ON r.run_id = j.value", self.runs.touch(run_ids)):
-            run = run_from_row(row)
-            self.runs[run.run_id] = run
-        for row in self._load(f"SELECT {', '.join('s.' + c for c in SWEEP_COLUMNS)} FROM json_each(?) AS j "
-                              "CROSS JOIN sweeps AS s ON s.sweep_id = j.value", self.sweeps.touch(sweep_ids)):
-            sweep = sweep_from_row(row)
-            self.sweeps[sweep.sweep_id] = sweep
-        views = Views(self.runs, self.sweeps, seen)  # type: ignore[arg-type]
+        keys = BatchKeys.of(good)
+        keys = BatchKeys(keys.event_ids, set(self.runs.touch(keys.run_ids)), set(self.sweeps.touch(keys.sweep_ids)))
+        found = views_from_rows({sql: self.con.execute(sql, params).fetchall() for sql, params in keys.lookups()})
+        self.runs.update(found.runs)
+        self.sweeps.update(found.sweeps)
+        views = Views(self.runs, self.sweeps, found.seen)  # type: ignore[arg-type]
         for rec in good:
             outcomes[views.apply(rec)] += 1
         self.con.execute("BEGIN")
-        for sql, rows in batch_writes(views, bad, msgs[-1].seq):
-            self.con.executemany(sql, rows)
+        for write in batch_writes(views, bad, msgs[-1].seq):
+            (self.con.executemany if write.many else self.con.execute)(write.sql, write.params)
         self.con.execute("COMMIT")
         self.runs.trim(self.cache_size)
         self.sweeps.trim(self.cache_size)

@@ -108,7 +108,20 @@ UPSERT_RUN: Final = (
 UPSERT_SWEEP: Final = (
     f"INSERT OR REPLACE INTO sweeps ({', '.join(SWEEP_COLUMNS)}) VALUES ({', '.join('?' * len(SWEEP_COLUMNS))})"
 )
-INSERT_ENTRY: Final = (
-    f"INSERT OR REPLACE INTO history (kind, entity_id, {', '.join(ENTRY_COLUMNS)}) "
-    f"VALUES ({', '.join('?' * (len(ENTRY_COLUMNS) + 2))})"
-)
+HISTORY_COLUMNS: Final = ("kind", "entity_id", *ENTRY_COLUMNS)
+
+
+def _from_json_rows(table: str, columns: tuple[str, ...], verb: str) -> str:
+    """``verb`` rows given as one JSON array of arrays (one row each, in ``columns`` order).
+
+    One statement instead of an ``executemany`` per row: SQLite does the whole
+    insert without coming back to Python (and so without the GIL). Only for
+    columns of text, integers and nulls, which JSON carries exactly.
+    """
+    cells = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(columns)))
+    return f"{verb} INTO {table} ({', '.join(columns)}) SELECT {cells} FROM json_each(?)"
+
+
+INSERT_ENTRIES: Final = _from_json_rows("history", HISTORY_COLUMNS, "INSERT OR REPLACE")
+INSERT_SEEN: Final = _from_json_rows("seen", ("event_id", "seq"), "INSERT OR IGNORE")
+UPSERT_RUNS: Final = _from_json_rows("runs", RUN_COLUMNS, "INSERT OR REPLACE")
