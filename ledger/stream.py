@@ -11,7 +11,7 @@ import json
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Final
 
 import nats
@@ -114,8 +114,12 @@ def parse_js_reply(reply: str) -> tuple[int, int, int]:
     return int(tokens[base + 3]), int(tokens[base + 5]), int(tokens[base + 6])
 
 
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
 def ns_to_datetime(ns: int) -> datetime:
-    return datetime.fromtimestamp(ns // 1_000_000_000, tz=timezone.utc).replace(microsecond=(ns // 1000) % 1_000_000)
+    """A stream timestamp (ns since the epoch) as a UTC datetime, to the microsecond (truncated)."""
+    return _EPOCH + timedelta(microseconds=ns // 1000)
 
 
 class OrderedReader:
@@ -221,7 +225,7 @@ class PullReader:
         self.expires = expires
         self.last_pending = -1
         self._next_seq = max(1, start_seq)  # the first stream sequence not taken in yet
-        self._buffer: deque[Msg] = deque()
+        self._buffer: deque[StreamMessage] = deque()
         self._arrived = asyncio.Event()
         self._requests: deque[list[float]] = deque()  # [messages still due, deadline], oldest first
         self._consumer = ""
@@ -311,8 +315,10 @@ class PullReader:
             self._arrived.set()
             return
         self._dseq = dseq
-        self._next_seq = int(tokens[base + 3]) + 1
-        self._buffer.append(msg)
+        seq = int(tokens[base + 3])
+        self._next_seq = seq + 1
+        self._buffer.append(StreamMessage(seq, ns_to_datetime(int(tokens[base + 5])), msg.subject, msg.data,
+                                          msg.headers, int(tokens[base + 6])))
         if self._requests:
             self._requests[0][0] -= 1
             if self._requests[0][0] <= 0:
@@ -339,11 +345,8 @@ class PullReader:
             except TimeoutError:
                 pass  # wake up at least each second: request deadlines, a broken consumer
         buf = self._buffer
-        out: list[StreamMessage] = []
-        for _ in range(min(max_size, len(buf))):
-            msg = buf.popleft()
-            seq, ns, pending = parse_js_reply(msg.reply)
-            out.append(StreamMessage(seq, ns_to_datetime(ns), msg.subject, msg.data, msg.headers, pending))
+        pop = buf.popleft
+        out = [pop() for _ in range(min(max_size, len(buf)))]
         self.last_pending = out[-1].pending
         await self._pump()
         return out

@@ -30,15 +30,23 @@ from nats.js import JetStreamContext
 from ledger.stream import PullReader, StreamMessage, stream_last_seq
 from projections import metrics
 from projections.store import (
+    BatchKeys,
+    CheckpointMoved,
+    Decoded,
     Folded,
+    ViewCache,
     apply_batch,
     commit_batch,
     decode_batch,
     file_identity,
-    fold_batch,
+    fold,
     open_db,
     read_checkpoint,
+    read_views,
 )
+
+CACHE_ENTITIES = 10_000
+"""Runs (and sweeps) the projector keeps in memory between batches, at least."""
 
 T = TypeVar("T")
 
@@ -74,21 +82,30 @@ class SeqNotifier:
 
 
 class _Commit:
-    """A folded batch committing in the background (aiosqlite's thread) while the next one is read and decoded."""
+    """A folded batch committing in the background (aiosqlite's thread) while the next one is read and folded."""
 
-    def __init__(self, task: asyncio.Task[None], batch: list[StreamMessage]) -> None:
+    def __init__(self, task: asyncio.Task[None], batch: list[StreamMessage], decoded: Decoded) -> None:
         self.task = task
         self.batch = batch
+        self.decoded = decoded
+
+
+class _Restart(Exception):
+    """The views database changed under the projector (swapped by a replay, or another writer moved
+    its checkpoint): start again from that database's own checkpoint."""
 
 
 class Projector:
     """Folds the ``LEDGER`` stream into the views database at ``db_path``.
 
     Batches are pipelined one deep: while batch N commits in aiosqlite's
-    thread, batch N+1 is read and decoded. Its fold waits for that commit
-    (it reads the rows N wrote), so every batch still folds onto exactly the
-    state its predecessor committed, and each commits whole with its
-    checkpoint or not at all.
+    thread, batch N+1 is read, decoded and folded. The fold takes the runs
+    and sweeps recent batches touched from a ``ViewCache`` (right whether or
+    not N's commit has landed yet) and the rest through a second, read-only
+    connection, so it needs no wait for the commit. Commits stay in stream
+    order, one at a time, each whole with its checkpoint or not at all, and
+    each checks that the checkpoint is where the previous one left it (else
+    the cache is dropped and the projector starts again from the database).
     """
 
     def __init__(self, js: JetStreamContext, db_path: Path | str, *, batch_size: int = 5000,
@@ -99,107 +116,136 @@ class Projector:
         self.notifier = notifier or SeqNotifier()
         self.idle_poll = idle_poll
         self.checkpoint = 0
+        self._identity: tuple[int, int] | None = None
+        self._db: aiosqlite.Connection | None = None
+        self._lookups: aiosqlite.Connection | None = None
+        self._reader: PullReader | None = None
+        self._pending: _Commit | None = None
+        self._cache = ViewCache(0)
 
     async def run(self, *, until_idle: bool = False,
                   task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> int:
         """Project until cancelled (or, with ``until_idle``, until caught up). Returns the checkpoint."""
-        identity, db = await self._open()
-        reader: PullReader | None = None
-        pending: _Commit | None = None
         try:
-            self.checkpoint = await read_checkpoint(db)
-            await self.notifier.advance(self.checkpoint)
-            reader = PullReader(self.js, self.checkpoint + 1)
-            await reader.start()
+            await self._start(reset=False)
             task_status.started()
             while True:
-                if until_idle and not reader.buffered:
+                try:
+                    if until_idle and not self._reader.buffered:  # type: ignore[union-attr]
+                        with anyio.CancelScope(shield=True):
+                            await self._settle()
+                        if await self._caught_up():
+                            return self.checkpoint
+                    batch = await self._reader.next_batch(self.batch_size, self.idle_poll)  # type: ignore[union-attr]
+                    if self._swapped():
+                        raise _Restart
+                    if not batch:
+                        await self._refresh_stream_seq()
+                        continue
+                    decoded = decode_batch(batch)
+                    with anyio.CancelScope(shield=True):  # a batch commits whole or not at all
+                        await self._fold_and_commit(batch, decoded)
+                except _Restart:
                     with anyio.CancelScope(shield=True):
-                        await self._settle(db, pending)
-                        pending = None
-                    if await self._caught_up():
-                        return self.checkpoint
-                batch = await reader.next_batch(self.batch_size, self.idle_poll)
-                if file_identity(self.db_path) not in (identity, None):
-                    with anyio.CancelScope(shield=True):
-                        await self._drop(pending)
-                        pending = None
-                        await reader.stop()
-                        reader = None
-                        await db.close()
-                        identity, db = await self._open()
-                    self.checkpoint = await read_checkpoint(db)
-                    await self.notifier.reset(self.checkpoint)
-                    reader = PullReader(self.js, self.checkpoint + 1)
-                    await reader.start()
-                    continue
-                if not batch:
-                    await self._refresh_stream_seq()
-                    continue
-                decoded = decode_batch(batch)  # while the previous batch commits
-                with anyio.CancelScope(shield=True):  # a batch commits whole or not at all
-                    try:
-                        await self._settle(db, pending)
-                        pending = None
-                        folded = await _retry_busy(partial(fold_batch, db, batch, decoded))
-                    except aiosqlite.Error:
-                        if file_identity(self.db_path) not in (identity, None):
-                            continue  # the file was swapped while writing: reopen at the loop's top
-                        raise
-                    if folded is not None:
-                        started = time.perf_counter()
-                        pending = _Commit(asyncio.create_task(self._commit(db, folded, batch, started)), batch)
+                        await self._stop()
+                        await self._start(reset=True)
         finally:
             with anyio.CancelScope(shield=True):
-                await self._drop(pending)
-                if reader is not None:
-                    await reader.stop()
+                await self._stop()
+
+    async def _start(self, *, reset: bool) -> None:
+        """Open the views database (write and lookup connections) and read on from its checkpoint."""
+        self._identity = file_identity(self.db_path)  # before opening: a swap in between costs a reopen, no miss
+        self._db = await open_db(self.db_path)
+        self._identity = self._identity or file_identity(self.db_path)
+        self._lookups = await open_db(self.db_path, readonly=True)
+        self.checkpoint = await read_checkpoint(self._db)
+        if reset:
+            await self.notifier.reset(self.checkpoint)
+        else:
+            await self.notifier.advance(self.checkpoint)
+        self._cache = ViewCache(max(CACHE_ENTITIES, 2 * self.batch_size))  # two batches: see ViewCache
+        self._reader = PullReader(self.js, self.checkpoint + 1)
+        await self._reader.start()
+
+    async def _stop(self) -> None:
+        """Let a background commit finish (whole, or rolled back: its error is moot now) and close all."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            with contextlib.suppress(Exception):
+                await pending.task
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            await reader.stop()
+        for name in ("_lookups", "_db"):
+            db = getattr(self, name)
+            setattr(self, name, None)
+            if db is not None:
                 await db.close()
 
-    async def _commit(self, db: aiosqlite.Connection, folded: Folded, batch: list[StreamMessage],
-                      started: float) -> None:
-        """Commit a folded batch, then publish its progress: metrics, the checkpoint, waiters on ``min_seq``."""
-        await commit_batch(db, folded)
-        self._committed(folded.outcomes, batch, started)
-        await self.notifier.advance(self.checkpoint)
+    def _swapped(self) -> bool:
+        return file_identity(self.db_path) not in (self._identity, None)
 
-    def _committed(self, outcomes: Counter[str], batch: list[StreamMessage], started: float) -> None:
+    async def _fold_and_commit(self, batch: list[StreamMessage], decoded: Decoded) -> None:
+        """Fold a batch onto the previous one's views and start its commit once that one's is done."""
+        db, lookups = self._db, self._lookups
+        assert db is not None and lookups is not None
+        good, bad = decoded
+        started = time.perf_counter()
+        try:
+            views = await read_views(lookups, BatchKeys.of(good), self._cache)
+            folded = fold(views, good, bad, batch[-1].seq)
+            self._cache.folded(views)
+            await self._settle()
+        except aiosqlite.Error:
+            if self._swapped():
+                raise _Restart from None  # the file was swapped while writing
+            raise
+        task = asyncio.create_task(self._commit(db, folded, batch, self.checkpoint, started))
+        self._pending = _Commit(task, batch, decoded)
+
+    async def _commit(self, db: aiosqlite.Connection, folded: Folded, batch: list[StreamMessage],
+                      expected: int, started: float) -> None:
+        """Commit a folded batch, then publish its progress: metrics, the checkpoint, waiters on ``min_seq``."""
+        await commit_batch(db, folded, expected)
+        await self._committed(folded.outcomes, batch, started)
+
+    async def _committed(self, outcomes: Counter[str], batch: list[StreamMessage], started: float) -> None:
         self.checkpoint = max(self.checkpoint, batch[-1].seq)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
         metrics.BATCH_SIZE.observe(len(batch))
         for outcome, count in outcomes.items():
             metrics.EVENTS.labels(outcome).inc(count)
         self.notifier.stream_last_seq = max(self.notifier.stream_last_seq, batch[-1].seq + batch[-1].pending)
+        await self.notifier.advance(self.checkpoint)
+        self._export_lag()
 
-    async def _settle(self, db: aiosqlite.Connection, pending: _Commit | None) -> None:
-        """Wait for the batch committing in the background. One that found the database busy is
-        applied again here, with backoff; any other failure is raised."""
+    async def _settle(self) -> None:
+        """Wait for the batch committing in the background.
+
+        One that found the database busy is applied again here, on its own
+        and with backoff (it folds to the same state, so the batch folded
+        after it stays right); a moved checkpoint or a swapped file restarts
+        the projector; any other failure is raised.
+        """
+        pending, self._pending = self._pending, None
         if pending is None:
             return
         try:
             await pending.task
+        except CheckpointMoved:
+            raise _Restart from None
         except aiosqlite.OperationalError as exc:
+            if self._swapped():
+                raise _Restart from None
             if not _busy(exc):
                 raise
             started = time.perf_counter()
-            outcomes = await _retry_busy(partial(apply_batch, db, pending.batch))
-            self._committed(outcomes, pending.batch, started)
-            await self.notifier.advance(self.checkpoint)
-        self._export_lag()
-
-    @staticmethod
-    async def _drop(pending: _Commit | None) -> None:
-        """Let a background commit finish (it commits whole or rolls back); its error is moot now."""
-        if pending is not None:
-            with contextlib.suppress(Exception):
-                await pending.task
-
-    async def _open(self) -> tuple[tuple[int, int] | None, aiosqlite.Connection]:
-        """The views database and the identity of its file (taken before opening, so a swap in between
-        costs one more reopen, never a missed one)."""
-        identity = file_identity(self.db_path)
-        db = await open_db(self.db_path)
-        return identity or file_identity(self.db_path), db
+            assert self._db is not None
+            outcomes = await _retry_busy(partial(apply_batch, self._db, pending.batch, pending.decoded))
+            if self.checkpoint >= pending.batch[0].seq or not outcomes:
+                raise _Restart from None  # another writer applied some of it: our folds are not its
+            await self._committed(outcomes, pending.batch, started)
 
     async def _refresh_stream_seq(self) -> None:
         try:

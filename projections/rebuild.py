@@ -28,8 +28,8 @@ import os
 import re
 import sqlite3
 import time
-from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, TypeVar
@@ -37,11 +37,9 @@ from typing import Final, TypeVar
 from nats.js import JetStreamContext
 
 from ledger.errors import LedgerError
-from ledger.fold import Views
-from ledger.machine import Run, Sweep
 from ledger.stream import StreamMessage, last_seq_on, read_range
 from projections.schema import SCHEMA
-from projections.store import BatchKeys, batch_writes, decode_batch, views_from_rows
+from projections.store import BatchKeys, ViewCache, decode_batch, fold
 
 VIEWS: Final = "views.db"
 GENERATION_RE: Final = re.compile(r"^views-(\d+)\.db$")
@@ -71,24 +69,6 @@ class RebuildResult:
         return self.messages / self.seconds if self.seconds > 0 else 0.0
 
 
-class _Cache(OrderedDict[K, V]):
-    """An LRU of the runs or sweeps recent batches touched; a plain dict to ``Views``."""
-
-    def touch(self, keys: Iterable[K]) -> list[K]:
-        """Mark ``keys`` recently used; return those not cached."""
-        missing = []
-        for key in keys:
-            if key in self:
-                self.move_to_end(key)
-            else:
-                missing.append(key)
-        return missing
-
-    def trim(self, size: int) -> None:
-        while len(self) > size:
-            self.popitem(last=False)
-
-
 class _Builder:
     """The synchronous half of a rebuild: one private SQLite connection."""
 
@@ -100,30 +80,21 @@ class _Builder:
         self.con.executescript(SCHEMA)
         for index in _INDEXES:  # built once at the end: cheaper than kept up to date row by row
             self.con.execute(f"DROP INDEX IF EXISTS {index}")
-        self.runs: _Cache[str, Run] = _Cache()
-        self.sweeps: _Cache[str, Sweep] = _Cache()
-        self.cache_size = cache_size
+        self.cache = ViewCache(cache_size)
 
     def apply(self, msgs: list[StreamMessage]) -> Counter[str]:
         """Fold one batch and write it with its checkpoint, as ``store.apply_batch`` does."""
         good, bad = decode_batch(msgs)
-        outcomes: Counter[str] = Counter()
-        outcomes["quarantined"] = len(bad)
         keys = BatchKeys.of(good)
-        keys = BatchKeys(keys.event_ids, set(self.runs.touch(keys.run_ids)), set(self.sweeps.touch(keys.sweep_ids)))
-        found = views_from_rows({sql: self.con.execute(sql, params).fetchall() for sql, params in keys.lookups()})
-        self.runs.update(found.runs)
-        self.sweeps.update(found.sweeps)
-        views = Views(self.runs, self.sweeps, found.seen)  # type: ignore[arg-type]
-        for rec in good:
-            outcomes[views.apply(rec)] += 1
+        lookups = self.cache.missing(keys).lookups()
+        views = self.cache.views(keys, {sql: self.con.execute(sql, params).fetchall() for sql, params in lookups})
+        folded = fold(views, good, bad, msgs[-1].seq)
+        self.cache.folded(views)
         self.con.execute("BEGIN")
-        for write in batch_writes(views, bad, msgs[-1].seq):
+        for write in folded.writes:
             (self.con.executemany if write.many else self.con.execute)(write.sql, write.params)
         self.con.execute("COMMIT")
-        self.runs.trim(self.cache_size)
-        self.sweeps.trim(self.cache_size)
-        return outcomes
+        return folded.outcomes
 
     def finish(self) -> None:
         """Build the indexes, switch to WAL (as the live views run) and make the file durable."""

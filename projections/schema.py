@@ -102,12 +102,6 @@ def entry_from_row(row: tuple[Any, ...] | Any) -> Entry:
     return msgspec.convert(dict(zip(ENTRY_COLUMNS, row)), Entry, strict=False)
 
 
-UPSERT_RUN: Final = (
-    f"INSERT OR REPLACE INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({', '.join('?' * len(RUN_COLUMNS))})"
-)
-UPSERT_SWEEP: Final = (
-    f"INSERT OR REPLACE INTO sweeps ({', '.join(SWEEP_COLUMNS)}) VALUES ({', '.join('?' * len(SWEEP_COLUMNS))})"
-)
 HISTORY_COLUMNS: Final = ("kind", "entity_id", *ENTRY_COLUMNS)
 
 
@@ -123,5 +117,42 @@ def _from_json_rows(table: str, columns: tuple[str, ...], verb: str) -> str:
 
 
 INSERT_ENTRIES: Final = _from_json_rows("history", HISTORY_COLUMNS, "INSERT OR REPLACE")
+INSERT_ENTRY: Final = (
+    f"INSERT OR REPLACE INTO history ({', '.join(HISTORY_COLUMNS)}) VALUES ({', '.join('?' * len(HISTORY_COLUMNS))})"
+)
+"""One history row bound as parameters: for text JSON cannot carry into SQLite (a NUL ends it there)."""
 INSERT_SEEN: Final = _from_json_rows("seen", ("event_id", "seq"), "INSERT OR IGNORE")
 UPSERT_RUNS: Final = _from_json_rows("runs", RUN_COLUMNS, "INSERT OR REPLACE")
+UPSERT_SWEEPS: Final = _from_json_rows("sweeps", SWEEP_COLUMNS, "INSERT OR REPLACE")
+
+
+def _trigger_step(sql: str, param: str) -> str:
+    return sql.replace("json_each(?)", f"json_each(NEW.{param})") + ";"
+
+
+BATCH_WRITER: Final = f"""
+CREATE TEMP VIEW IF NOT EXISTS batch_writes (expected, last_seq, runs, sweeps, history, seen)
+    AS SELECT NULL, NULL, NULL, NULL, NULL, NULL;
+CREATE TEMP TRIGGER IF NOT EXISTS batch_writes_insert INSTEAD OF INSERT ON batch_writes
+BEGIN
+    SELECT RAISE(ABORT, 'checkpoint moved')
+        WHERE (SELECT last_seq FROM checkpoint WHERE id = 1) IS NOT NEW.expected;
+    {_trigger_step(UPSERT_RUNS, "runs")}
+    {_trigger_step(UPSERT_SWEEPS, "sweeps")}
+    {_trigger_step(INSERT_ENTRIES, "history")}
+    {_trigger_step(INSERT_SEEN, "seen")}
+    UPDATE checkpoint SET last_seq = NEW.last_seq WHERE id = 1;
+END;
+"""
+"""A whole batch as ONE statement: ``INSERT INTO batch_writes VALUES (expected checkpoint, new checkpoint,
+runs, sweeps, history, seen ids)``, the last four JSON arrays of rows (or null).
+
+A statement is atomic on its own, so the batch and its checkpoint land
+together or not at all, without BEGIN/COMMIT; and SQLite does it all in one
+call, where a statement per table would have the writer thread wait for
+Python's GIL between each (the projector's event loop holds it while it
+reads the next batch). The trigger aborts, writing nothing, when the
+checkpoint is not ``expected``: another writer moved it. A per-connection
+TEMP view, created by ``open_db`` on the projector's writable connections.
+"""
+WRITE_BATCH: Final = "INSERT INTO batch_writes (expected, last_seq, runs, sweeps, history, seen) VALUES (?, ?, ?, ?, ?, ?)"

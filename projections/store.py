@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, TypeAlias, TypeVar
 
 import aiosqlite
 import msgspec
@@ -20,14 +20,17 @@ import msgspec
 from ledger.errors import InvalidEvent
 from ledger.events import RunEvent, decode_event
 from ledger.fold import Recorded, Views
+from ledger.machine import Run, Sweep
 from ledger.stream import StreamMessage, recorded_at_of
 from projections.schema import (
+    BATCH_WRITER,
     INSERT_ENTRIES,
-    UPSERT_RUNS,
+    INSERT_ENTRY,
     INSERT_SEEN,
     SCHEMA,
-    UPSERT_RUN,
-    UPSERT_SWEEP,
+    UPSERT_RUNS,
+    UPSERT_SWEEPS,
+    WRITE_BATCH,
     entry_row,
     iso,
     run_from_row,
@@ -39,6 +42,8 @@ from projections.schema import (
 INSERT_QUARANTINE: Final = (
     "INSERT OR REPLACE INTO quarantine (seq, subject, reason, raw, recorded_at) VALUES (?, ?, ?, ?, ?)")
 SET_CHECKPOINT: Final = "UPDATE checkpoint SET last_seq = ? WHERE id = 1"
+
+V = TypeVar("V")
 
 
 def file_identity(path: Path | str) -> tuple[int, int] | None:
@@ -73,6 +78,7 @@ async def open_db(path: Path | str, *, readonly: bool = False) -> aiosqlite.Conn
             await _set_wal(db)
             await db.execute("PRAGMA synchronous=NORMAL")
             await db.executescript(SCHEMA)
+            await db.executescript(BATCH_WRITER)
     except BaseException:
         await asyncio.shield(db.close())
         raise
@@ -154,7 +160,11 @@ def views_from_rows(rows: dict[str, Iterable[Any]]) -> Views:
     )
 
 
-def decode_batch(msgs: list[StreamMessage]) -> tuple[list[Recorded], list[tuple]]:
+Decoded: TypeAlias = tuple[list[Recorded], list[tuple]]
+"""A batch decoded: its events, and quarantine rows (seq, subject, reason, raw, time)."""
+
+
+def decode_batch(msgs: list[StreamMessage]) -> Decoded:
     """Split a batch into decoded events and quarantine rows (seq, subject, reason, raw, time)."""
     good: list[Recorded] = []
     bad: list[tuple] = []
@@ -169,13 +179,13 @@ def decode_batch(msgs: list[StreamMessage]) -> tuple[list[Recorded], list[tuple]
 def batch_writes(views: Views, bad: list[tuple], last_seq: int) -> list[Write]:
     """The statements that persist a folded batch: rows changed, history, seen ids, quarantine, checkpoint.
 
-    Runs and sweeps (which hold floats) are bound row by row; history and
-    seen ids, most of the rows, go in as one JSON parameter each.
+    Rows go in as one JSON parameter per table, except quarantined
+    messages (raw bytes) and history holding a NUL, bound row by row.
     """
     writes = [
         Write(UPSERT_RUNS, json_param(run_row(views.runs[k]) for k in views.dirty_runs)),
-        Write(UPSERT_SWEEP, [sweep_row(views.sweeps[k]) for k in views.dirty_sweeps], True),
-        Write(INSERT_ENTRIES, json_param(entry_row(kind, key, e) for kind, key, e in views.history)),
+        Write(UPSERT_SWEEPS, json_param(sweep_row(views.sweeps[k]) for k in views.dirty_sweeps)),
+        _history(views),
         Write(INSERT_SEEN, json_param(views.new_ids)),
         Write(INSERT_QUARANTINE, bad, True),
     ]
@@ -183,47 +193,111 @@ def batch_writes(views: Views, bad: list[tuple], last_seq: int) -> list[Write]:
     return [*kept, Write(SET_CHECKPOINT, (last_seq,))]
 
 
-class Folded(NamedTuple):
-    """A batch folded inside an open write transaction: what its commit writes and what it did."""
+def one_statement(writes: list[Write], expected: int) -> Write | None:
+    """The same writes as one ``WRITE_BATCH`` statement, checked against the ``expected`` checkpoint;
+    None when some rows must be bound row by row."""
+    if any(w.many for w in writes):
+        return None
+    first = {w.sql: w.params[0] for w in writes}
+    return Write(WRITE_BATCH, (expected, first[SET_CHECKPOINT], first.get(UPSERT_RUNS), first.get(UPSERT_SWEEPS),
+                               first.get(INSERT_ENTRIES), first.get(INSERT_SEEN)))
 
+
+class CheckpointMoved(Exception):
+    """The views' checkpoint is not where this writer left it: another writer moved it."""
+
+    def __init__(self, expected: int, found: int) -> None:
+        super().__init__(f"checkpoint is {found}, expected {expected}: another projector writes these views")
+        self.found = found
+
+
+def _history(views: Views) -> Write:
+    """The history rows as one JSON parameter, or bound row by row when a reason holds a NUL
+    (SQLite's JSON functions end text there; a bound parameter keeps it)."""
+    rows = [entry_row(kind, key, e) for kind, key, e in views.history]
+    if any(e.reason is not None and "\x00" in e.reason for _, _, e in views.history):
+        return Write(INSERT_ENTRY, rows, True)
+    return Write(INSERT_ENTRIES, json_param(rows))
+
+
+class Folded(NamedTuple):
+    """A folded batch: its views (the state after it), what its commit writes, what each event did."""
+
+    views: Views
     writes: list[Write]
     outcomes: Counter[str]
-    last_seq: int
 
 
-async def fold_batch(db: aiosqlite.Connection, msgs: list[StreamMessage],
-                     decoded: tuple[list[Recorded], list[tuple]] | None = None) -> Folded | None:
-    """Open the batch's write transaction, read what it touches and fold it; ``commit_batch`` ends it.
+def fold(views: Views, good: list[Recorded], bad: list[tuple], last_seq: int) -> Folded:
+    """Fold decoded events onto ``views`` (which holds every row and seen id they touch)."""
+    outcomes: Counter[str] = Counter()
+    outcomes["quarantined"] = len(bad)
+    for rec in good:
+        outcomes[views.apply(rec)] += 1
+    return Folded(views, batch_writes(views, bad, last_seq), outcomes)
 
-    Messages at or below the checkpoint are skipped (a re-delivery after a
-    reconnect); None, with no transaction left open, when nothing is left.
-    ``decoded`` is ``decode_batch(msgs)`` when the caller decoded them already.
-    Each ``await`` is a round trip to aiosqlite's thread, so there are few:
-    one statement per lookup, the keys going in as one JSON array.
+
+class _Lru(OrderedDict[str, V]):
+    """Runs or sweeps by id, least recently used first; a plain dict to ``Views``."""
+
+    def touch(self, keys: Iterable[str]) -> set[str]:
+        """Mark ``keys`` used now; return those not held."""
+        missing = set()
+        for key in keys:
+            if key in self:
+                self.move_to_end(key)
+            else:
+                missing.add(key)
+        return missing
+
+    def trim(self, size: int) -> None:
+        while len(self) > size:
+            self.popitem(last=False)
+
+
+class ViewCache:
+    """The runs and sweeps recent batches touched, as folded, kept between batches by their only writer.
+
+    What it holds is the latest state even while the batch that made it is
+    still committing; what it does not hold was last changed by a committed
+    batch, so any connection reads it right. The last batch's event ids are
+    kept as well (its commit may not have landed): older ids are read from
+    the ``seen`` table. The least recently used entries go beyond ``size``,
+    which is at least two batches' worth, so nothing a committing batch
+    touched is dropped. A cache is only right while its owner is the
+    views' only writer: drop it when the checkpoint moves under it.
     """
-    if not msgs:
-        return None
-    good, bad = decoded or decode_batch(msgs)
-    await db.execute("BEGIN IMMEDIATE")
-    try:
-        checkpoint = await read_checkpoint(db)
-        if checkpoint >= msgs[0].seq:  # part of the batch was applied already
-            msgs = [m for m in msgs if m.seq > checkpoint]
-            if not msgs:
-                await db.execute("ROLLBACK")
-                return None
-            good = [rec for rec in good if rec.seq > checkpoint]
-            bad = [row for row in bad if row[0] > checkpoint]
-        outcomes: Counter[str] = Counter()
-        outcomes["quarantined"] = len(bad)
-        rows = {sql: await db.execute_fetchall(sql, params) for sql, params in BatchKeys.of(good).lookups()}
-        views = views_from_rows(rows)
-        for rec in good:
-            outcomes[views.apply(rec)] += 1
-        return Folded(batch_writes(views, bad, msgs[-1].seq), outcomes, msgs[-1].seq)
-    except BaseException:
-        await _rollback(db)
-        raise
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.runs: _Lru[Run] = _Lru()
+        self.sweeps: _Lru[Sweep] = _Lru()
+        self.last_seen: set[str] = set()
+
+    def missing(self, keys: BatchKeys) -> BatchKeys:
+        """The part of ``keys`` to read from the database."""
+        return BatchKeys(keys.event_ids - self.last_seen, self.runs.touch(keys.run_ids),
+                         self.sweeps.touch(keys.sweep_ids))
+
+    def views(self, keys: BatchKeys, rows: dict[str, Iterable[Any]]) -> Views:
+        """The batch's views: the rows read for what was ``missing``, over what the cache holds."""
+        found = views_from_rows(rows)
+        self.runs.update(found.runs)
+        self.sweeps.update(found.sweeps)
+        return Views(self.runs, self.sweeps, found.seen | (keys.event_ids & self.last_seen))  # type: ignore[arg-type]
+
+    def folded(self, views: Views) -> None:
+        """Keep the event ids of the batch just folded; trim to size."""
+        self.last_seen = views.seen
+        self.runs.trim(self.size)
+        self.sweeps.trim(self.size)
+
+
+async def read_views(db: aiosqlite.Connection, keys: BatchKeys, cache: ViewCache | None = None) -> Views:
+    """The views a batch folds onto: what ``cache`` holds, the rest read from ``db``."""
+    cache = cache or ViewCache(0)
+    rows = {sql: await db.execute_fetchall(sql, params) for sql, params in cache.missing(keys).lookups()}
+    return cache.views(keys, rows)
 
 
 async def _rollback(db: aiosqlite.Connection) -> None:
@@ -232,32 +306,67 @@ async def _rollback(db: aiosqlite.Connection) -> None:
         await db.execute("ROLLBACK")
 
 
+async def _write(db: aiosqlite.Connection, writes: list[Write]) -> None:
+    for write in writes:
+        if write.many:
+            await db.executemany(write.sql, write.params)
+        else:
+            await db.execute(write.sql, write.params)
+    await db.execute("COMMIT")
 
-async def commit_batch(db: aiosqlite.Connection, folded: Folded) -> None:
-    """Write a folded batch with its checkpoint and commit the transaction ``fold_batch`` opened.
 
-    Any failure rolls the whole batch back: nothing of it stays.
+async def commit_batch(db: aiosqlite.Connection, folded: Folded, expected: int) -> None:
+    """Write a folded batch with its checkpoint in one transaction, if the checkpoint is still ``expected``.
+
+    Raises CheckpointMoved (writing nothing) when another writer moved it.
+    Any failure rolls the whole batch back: nothing of it stays. Usually one
+    statement (``WRITE_BATCH``); a transaction of several when rows must be
+    bound one by one.
     """
+    single = one_statement(folded.writes, expected)
+    if single is not None:
+        try:
+            await db.execute(single.sql, single.params)
+        except aiosqlite.IntegrityError as exc:
+            if "checkpoint moved" in str(exc):
+                raise CheckpointMoved(expected, await read_checkpoint(db)) from None
+            raise
+        return
+    await db.execute("BEGIN IMMEDIATE")
     try:
-        for write in folded.writes:
-            if write.many:
-                await db.executemany(write.sql, write.params)
-            else:
-                await db.execute(write.sql, write.params)
-        await db.execute("COMMIT")
+        found = await read_checkpoint(db)
+        if found != expected:
+            raise CheckpointMoved(expected, found)
+        await _write(db, folded.writes)
     except BaseException:
         await _rollback(db)
         raise
 
 
-async def apply_batch(db: aiosqlite.Connection, msgs: list[StreamMessage]) -> Counter[str]:
-    """Fold a batch into the views and move the checkpoint, in one transaction.
+async def apply_batch(db: aiosqlite.Connection, msgs: list[StreamMessage],
+                      decoded: Decoded | None = None) -> Counter[str]:
+    """Fold a batch into the views and move the checkpoint, in one transaction, reading all it needs from ``db``.
 
-    Returns how many messages had each outcome (nothing for messages the
-    checkpoint already covers).
+    Messages at or below the checkpoint are skipped (a re-delivery after a
+    reconnect). Returns how many messages had each outcome. ``decoded`` is
+    ``decode_batch(msgs)`` when the caller decoded them already.
     """
-    folded = await fold_batch(db, msgs)
-    if folded is None:
+    if not msgs:
         return Counter()
-    await commit_batch(db, folded)
+    good, bad = decoded or decode_batch(msgs)
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        checkpoint = await read_checkpoint(db)
+        if checkpoint >= msgs[0].seq:  # part of the batch was applied already
+            msgs = [m for m in msgs if m.seq > checkpoint]
+            if not msgs:
+                await db.execute("ROLLBACK")
+                return Counter()
+            good = [rec for rec in good if rec.seq > checkpoint]
+            bad = [row for row in bad if row[0] > checkpoint]
+        folded = fold(await read_views(db, BatchKeys.of(good)), good, bad, msgs[-1].seq)
+        await _write(db, folded.writes)
+    except BaseException:
+        await _rollback(db)
+        raise
     return folded.outcomes

@@ -23,7 +23,14 @@ import msgspec
 from nats.js import JetStreamContext
 
 from ledger.errors import InvalidEvent
-from ledger.events import AnyEvent, RunCrashed, RunEvent, check_entity_id, decode_event, tag_of
+from ledger.events import (
+    AnyEvent,
+    RunCrashed,
+    RunEvent,
+    check_entity_id,
+    decode_event,
+    tag_of,
+)
 from ledger.fold import Recorded, Views
 from ledger.machine import ALIVE, Run, Sweep, new_run
 from ledger.stream import StreamMessage, read_range, recorded_at_of

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
@@ -62,6 +63,21 @@ class TestProjection:
         await project(js, tmp_path / "a.db", batch_size=1)
         await project(js, tmp_path / "b.db", batch_size=5000)
         assert dump_views(tmp_path / "a.db") == dump_views(tmp_path / "b.db")
+
+    async def test_two_projectors_on_one_database(self, js: JetStreamContext, publisher: Publisher,
+                                                  tmp_path: Path) -> None:
+        """Two projectors writing the same views (a mistake, but a possible one) end with the views of one:
+        each commit checks the checkpoint its fold assumed, and one that finds it moved starts again."""
+        for i in range(60):
+            await publisher.publish(started(f"r{i % 9}", t=i))
+            await publisher.publish(heartbeat(f"r{i % 9}", t=i + 0.5, step=i))
+            if i % 4 == 0:
+                await publisher.publish(exited(f"r{i % 9}", i % 3, t=i + 0.7))
+        last = await project(js, tmp_path / "alone.db")
+        both = await asyncio.gather(project(js, tmp_path / "shared.db", batch_size=3),
+                                    project(js, tmp_path / "shared.db", batch_size=5))
+        assert [last, last] == both
+        assert dump_views(tmp_path / "alone.db") == dump_views(tmp_path / "shared.db")
 
 
 class TestDuplicates:

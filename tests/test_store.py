@@ -9,19 +9,29 @@ non-ASCII, times to the microsecond, nulls.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import struct
+import tempfile
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ledger.events import AnyEvent, encode_event, subject_of
 from ledger.fold import Entry, Views
 from ledger.machine import RUN_STATES, Run
+from ledger.stream import StreamMessage
 from projections.schema import SCHEMA, entry_from_row, run_from_row
-from projections.store import batch_writes
+from projections.store import (
+    BatchKeys, CheckpointMoved, Folded, ViewCache, apply_batch, batch_writes, commit_batch, decode_batch, fold,
+    open_db, read_views,
+)
+from tests.factory import dump_views, exited, heartbeat, started
+from tests.test_properties import EPOCH, event_lists
 
 texts = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
 ids = st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True)
@@ -95,3 +105,83 @@ def test_history_entry_reads_back_exactly(con: sqlite3.Connection, entry: Entry,
                       "WHERE kind = 'run' AND entity_id = ? AND seq = ?", (entity, entry.seq)).fetchone()
     assert entry == entry_from_row(row)
     assert con.execute("SELECT 1 FROM seen WHERE event_id = ?", (entry.event_id,)).fetchone() is not None
+
+
+# --------------------------------------------------------------------------- pipelined commits
+
+
+def as_messages(events: list[AnyEvent]) -> list[StreamMessage]:
+    """The events as the reader hands them over: seq 1.., the stream's clock, encoded payloads."""
+    return [StreamMessage(i + 1, EPOCH + timedelta(seconds=i + 1), subject_of(e), encode_event(e), None, 0)
+            for i, e in enumerate(events)]
+
+
+async def project_pipelined(path: Path, msgs: list[StreamMessage], size: int) -> None:
+    """What the projector does: batch N+1 read and folded (through a read-only connection and a
+    ViewCache of two batches) before batch N commits."""
+    db = await open_db(path)
+    lookups = await open_db(path, readonly=True)
+    cache = ViewCache(2 * size)
+    pending: tuple[Folded, int] | None = None
+    try:
+        for i in range(0, len(msgs), size):
+            batch = msgs[i:i + size]
+            good, bad = decode_batch(batch)
+            views = await read_views(lookups, BatchKeys.of(good), cache)
+            folded = fold(views, good, bad, batch[-1].seq)
+            cache.folded(views)
+            if pending is not None:
+                await commit_batch(db, *pending)
+            pending = (folded, batch[0].seq - 1)
+        if pending is not None:
+            await commit_batch(db, *pending)
+    finally:
+        await lookups.close()
+        await db.close()
+
+
+async def project_plainly(path: Path, msgs: list[StreamMessage]) -> None:
+    db = await open_db(path)
+    try:
+        for msg in msgs:
+            await apply_batch(db, [msg])
+    finally:
+        await db.close()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(events=event_lists, size=st.integers(1, 7))
+def test_pipelined_commits_equal_one_by_one(events: list[AnyEvent], size: int) -> None:
+    """Folding each batch before the previous one commits, with a cache of two batches (evicting as it
+    goes), gives the same views as applying event by event: duplicates and rows of runs evicted from
+    the cache included."""
+    msgs = as_messages(events + events[: len(events) // 2])  # the first half again: duplicates
+    with tempfile.TemporaryDirectory() as tmp:
+        piped, plain = Path(tmp) / "piped.db", Path(tmp) / "plain.db"
+        asyncio.run(project_pipelined(piped, msgs, size))
+        asyncio.run(project_plainly(plain, msgs))
+        assert dump_views(plain) == dump_views(piped)
+
+
+class TestCheckpointGuard:
+    """A commit lands only on the checkpoint its fold assumed; another writer's move is refused whole."""
+
+    @pytest.mark.parametrize("quarantined", [False, True], ids=["one-statement", "bound-rows"])
+    async def test_moved_checkpoint_refuses_the_commit(self, tmp_path: Path, quarantined: bool) -> None:
+        path = tmp_path / "v.db"
+        msgs = as_messages([started("r1"), heartbeat("r1"), exited("r1", 0)])
+        if quarantined:
+            msgs.append(StreamMessage(4, EPOCH, "ledger.run.r1.exited", b"not json", None, 0))
+        db = await open_db(path)
+        try:
+            await apply_batch(db, msgs[:1])  # another writer: the checkpoint is now 1
+            before = dump_views(path)
+            good, bad = decode_batch(msgs)
+            folded = fold(await read_views(db, BatchKeys.of(good)), good, bad, msgs[-1].seq)
+            with pytest.raises(CheckpointMoved) as caught:
+                await commit_batch(db, folded, 0)
+            assert 1 == caught.value.found
+            assert before == dump_views(path)
+            assert not db.in_transaction
+        finally:
+            await db.close()
