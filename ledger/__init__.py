@@ -36,7 +36,13 @@ if TYPE_CHECKING:
     from ledger import events
     from ledger.client import AsyncLedger, AsyncRunHandle
     from ledger.decide import StartRefused
-    from ledger.errors import ConcurrencyConflict, InvalidEvent, LedgerError, ResumeRefused, StreamUnavailable
+    from ledger.errors import (
+        ConcurrencyConflict,
+        InvalidEvent,
+        LedgerError,
+        ResumeRefused,
+        StreamUnavailable,
+    )
     from ledger.events import ResumeMode
     from ledger.sync_client import Ledger, RunHandle, current_run
 

@@ -8,8 +8,8 @@ import click
 
 from ledger.commands.audit import audit, replay, verify
 from ledger.commands.common import fail
-from ledger.commands.events import events
 from ledger.commands.control import runs_kill, sweep
+from ledger.commands.events import events
 from ledger.commands.publish import emit, run, sync
 from ledger.commands.query import runs, sweeps
 from ledger.commands.serve import monitor, projector, up

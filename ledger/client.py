@@ -21,7 +21,6 @@ from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-
 from ledger import events as ev
 from ledger.connection import Connection
 from ledger.decide import decide_queue, decide_start
@@ -59,10 +58,10 @@ class AsyncRunHandle:
         """The stream sequence of this attempt's run.started (0 when it was spooled unchecked)."""
         self._beats: asyncio.Task[None] | None = None
 
-    def _event(self, kind: type[ev.RunEvent], **fields: Any) -> ev.RunEvent:
-        return kind(id=new_id(), at=now(), run_id=self.run_id, attempt=self.attempt, **fields)
+    def _event(self, kind: type[ev.RunEvent], **fields: Any) -> ev.AnyRunEvent:
+        return kind(id=new_id(), at=now(), run_id=self.run_id, attempt=self.attempt, **fields)  # type: ignore[return-value]
 
-    async def _publish(self, event: ev.RunEvent, *, wait: float | None) -> None:
+    async def _publish(self, event: ev.AnyRunEvent, *, wait: float | None) -> None:
         await self.ledger.publish(event, wait=wait)
 
     async def heartbeat(self, step: int | None = None, progress: float | None = None,

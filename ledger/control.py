@@ -17,7 +17,15 @@ from ledger import events as ev
 from ledger.errors import CommandRefused, ConcurrencyConflict
 from ledger.ids import new_id
 from ledger.lookup import load_run, load_sweep
-from ledger.machine import TERMINAL, Run, Sweep, can_move, evolve, evolve_sweep, new_sweep
+from ledger.machine import (
+    TERMINAL,
+    Run,
+    Sweep,
+    can_move,
+    evolve,
+    evolve_sweep,
+    new_sweep,
+)
 from ledger.publisher import Publisher
 
 RETRIES = 8
@@ -55,7 +63,7 @@ async def change_sweep(js: JetStreamContext, publisher: Publisher, verb: str, sw
             return sweep, False  # already so: nothing to append
         elif not can_move(sweep, kind):
             raise CommandRefused(f"cannot {verb} sweep {sweep_id!r}: it is {sweep.state}")
-        event = kind(id=new_id(), at=_now(), sweep_id=sweep_id, reason=reason)
+        event: ev.AnySweepEvent = kind(id=new_id(), at=_now(), sweep_id=sweep_id, reason=reason)  # type: ignore[assignment]
         try:
             await publisher.publish(event, expect_last_subject_seq=last, expect_subject=f"ledger.sweep.{sweep_id}.>")
         except ConcurrencyConflict:

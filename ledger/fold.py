@@ -15,7 +15,16 @@ import msgspec
 from msgspec.structs import replace
 
 from ledger.events import AnyEvent, RunEvent, SweepEvent, tag_of
-from ledger.machine import Effect, Run, Sweep, evolve_sweep, new_run, new_sweep, reason_of, step
+from ledger.machine import (
+    Effect,
+    Run,
+    Sweep,
+    evolve_sweep,
+    new_run,
+    new_sweep,
+    reason_of,
+    step,
+)
 
 Kind: TypeAlias = Literal["run", "sweep"]
 

@@ -15,10 +15,28 @@ import msgspec
 from msgspec.structs import replace
 
 from ledger.events import (
-    AnyRunEvent, AnySweepEvent, RunCrashed, RunEvent, RunExited, RunHeartbeat, RunIdle,
-    RunInitializing, RunKilled, RunPreempting, RunQueued, RunSignalled, RunStarted,
-    RunStopping, SweepCancelled, SweepCrashed, SweepCreated, SweepFailed, SweepFinished,
-    SweepPaused, SweepResumed, SweepStopped,
+    AnyRunEvent,
+    AnySweepEvent,
+    RunCrashed,
+    RunEvent,
+    RunExited,
+    RunHeartbeat,
+    RunIdle,
+    RunInitializing,
+    RunKilled,
+    RunPreempting,
+    RunQueued,
+    RunSignalled,
+    RunStarted,
+    RunStopping,
+    SweepCancelled,
+    SweepCrashed,
+    SweepCreated,
+    SweepFailed,
+    SweepFinished,
+    SweepPaused,
+    SweepResumed,
+    SweepStopped,
 )
 
 RunState: TypeAlias = Literal[

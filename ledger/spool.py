@@ -73,7 +73,7 @@ class SpoolRow:
 class Spool:
     """An SQLite file of messages not yet acknowledged by JetStream, in order."""
 
-    def __init__(self, path: Path | str | None = None) -> None:
+    def __init__(self, path: Path | str | os.PathLike[str] | None = None) -> None:
         self.path = Path(path) if path is not None else default_spool_path()
         self._db: aiosqlite.Connection | None = None
 
@@ -146,8 +146,9 @@ class Spool:
             return [r[0] for r in await cur.fetchall()]
 
     async def count(self, owners: Sequence[str] | None = None) -> int:
+        args: tuple[str, ...] = ()
         if owners is None:
-            sql, args = "SELECT count(*) FROM spool", ()
+            sql = "SELECT count(*) FROM spool"
         else:
             sql, args = f"SELECT count(*) FROM spool WHERE owner IN ({', '.join('?' * len(owners))})", tuple(owners)
         async with self.db.execute(sql, args) as cur:

@@ -18,9 +18,9 @@ from typing import TextIO
 
 from ledger import events as ev
 from ledger.client import AsyncLedger, AsyncRunHandle
-from ledger.ids import new_id
 from ledger.errors import InvalidEvent, LedgerError
 from ledger.events import ResumeMode
+from ledger.ids import new_id
 from ledger.spool import owner_of
 from ledger.stream import STREAM
 
@@ -146,7 +146,7 @@ class Wrapper:
                 last = await js.get_last_msg(STREAM, subject)
             except Exception:  # none yet, or NATS went away again: the subscription still stands
                 return
-            self._kill_if_ours(last.subject, last.data or b"", int(last.seq or 0))
+            self._kill_if_ours(last.subject or "", last.data or b"", int(last.seq or 0))
 
         ledger.connection.on_connect(on_connect)
         await on_connect()

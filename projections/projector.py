@@ -29,12 +29,11 @@ from nats.js import JetStreamContext
 
 from ledger.stream import PullReader, StreamMessage, stream_last_seq
 from projections import metrics
+from projections.lookups import BatchKeys, ViewCache, read_views
 from projections.store import (
-    BatchKeys,
     CheckpointMoved,
     Decoded,
     Folded,
-    ViewCache,
     apply_batch,
     commit_batch,
     decode_batch,
@@ -42,7 +41,6 @@ from projections.store import (
     fold,
     open_db,
     read_checkpoint,
-    read_views,
 )
 
 CACHE_ENTITIES = 10_000

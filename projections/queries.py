@@ -53,7 +53,7 @@ async def list_runs(db: aiosqlite.Connection, *, sweep: str | None = None, state
             args.append(value)
     sql = _RUN_SELECT + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY run_id LIMIT ?"
     async with db.execute(sql, (*args, limit + 1)) as cur:
-        rows = await cur.fetchall()
+        rows = list(await cur.fetchall())
     runs = [run_from_row(r) for r in rows[:limit]]
     return runs, (runs[-1].run_id if len(rows) > limit else None)
 
@@ -77,7 +77,7 @@ async def sweep_queue(db: aiosqlite.Connection, sweep_id: str) -> list[str]:
 async def _sweep_view(db: aiosqlite.Connection, row: tuple) -> SweepView:
     sweep_id, state, created_at, updated_at = row
     async with db.execute("SELECT state, count(*) FROM runs WHERE sweep_id = ? GROUP BY state", (sweep_id,)) as cur:
-        counts = dict(await cur.fetchall())
+        counts: dict[str, int] = {state: count for state, count in await cur.fetchall()}
     return msgspec.convert({
         "sweep_id": sweep_id, "state": state, "created_at": created_at, "updated_at": updated_at,
         "runs": {s: counts.get(s, 0) for s in RUN_STATES}, "queue": await sweep_queue(db, sweep_id),

@@ -38,8 +38,9 @@ from nats.js import JetStreamContext
 
 from ledger.errors import LedgerError
 from ledger.stream import StreamMessage, last_seq_on, read_range
+from projections.lookups import BatchKeys, ViewCache
 from projections.schema import SCHEMA
-from projections.store import BatchKeys, ViewCache, decode_batch, fold
+from projections.store import decode_batch, fold
 
 VIEWS: Final = "views.db"
 GENERATION_RE: Final = re.compile(r"^views-(\d+)\.db$")

@@ -5,6 +5,7 @@ Times are stored as fixed-width RFC 3339 UTC text, so text order is time order.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from typing import Any, Final
 
@@ -54,6 +55,12 @@ ENTRY_COLUMNS: Final = Entry.__struct_fields__
 
 
 _time_encoder: Final = msgspec.json.Encoder()
+_json: Final = msgspec.json.Encoder()
+
+
+def json_param(values: Iterable[Any]) -> tuple[str]:
+    """A list (of keys, or of rows as tuples) as the one JSON text parameter of a ``json_each`` statement."""
+    return (_json.encode(list(values)).decode(),)
 
 
 def iso(value: datetime | None) -> str | None:
@@ -155,4 +162,5 @@ reads the next batch). The trigger aborts, writing nothing, when the
 checkpoint is not ``expected``: another writer moved it. A per-connection
 TEMP view, created by ``open_db`` on the projector's writable connections.
 """
-WRITE_BATCH: Final = "INSERT INTO batch_writes (expected, last_seq, runs, sweeps, history, seen) VALUES (?, ?, ?, ?, ?, ?)"
+WRITE_BATCH: Final = (
+    "INSERT INTO batch_writes (expected, last_seq, runs, sweeps, history, seen) VALUES (?, ?, ?, ?, ?, ?)")

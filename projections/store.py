@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections import Counter, OrderedDict
-from collections.abc import Iterable
+from collections import Counter
 from pathlib import Path
 from typing import Any, Final, NamedTuple, TypeAlias, TypeVar
 
 import aiosqlite
-import msgspec
 
 from ledger.errors import InvalidEvent
-from ledger.events import RunEvent, decode_event
+from ledger.events import decode_event
 from ledger.fold import Recorded, Views
-from ledger.machine import Run, Sweep
 from ledger.stream import StreamMessage, recorded_at_of
+from projections.lookups import BatchKeys, read_views
 from projections.schema import (
     BATCH_WRITER,
     INSERT_ENTRIES,
@@ -33,9 +31,8 @@ from projections.schema import (
     WRITE_BATCH,
     entry_row,
     iso,
-    run_from_row,
+    json_param,
     run_row,
-    sweep_from_row,
     sweep_row,
 )
 
@@ -104,60 +101,12 @@ async def read_checkpoint(db: aiosqlite.Connection) -> int:
     return int(rows[0][0]) if rows else 0
 
 
-_json: Final = msgspec.json.Encoder()
-
-SELECT_SEEN: Final = "SELECT s.event_id FROM json_each(?) AS j CROSS JOIN seen AS s ON s.event_id = j.value"
-SELECT_RUNS: Final = "SELECT runs.* FROM json_each(?) AS j CROSS JOIN runs ON runs.run_id = j.value"
-SELECT_SWEEPS: Final = "SELECT sweeps.* FROM json_each(?) AS j CROSS JOIN sweeps ON sweeps.sweep_id = j.value"
-"""Rows of a batch's keys in one statement each: the keys go in as one JSON array (no parameter limit)."""
-
-
-def json_param(values: Iterable[Any]) -> tuple[str]:
-    """A list (of keys, or of rows as tuples) as the one JSON text parameter of a ``json_each`` statement."""
-    return (_json.encode(list(values)).decode(),)
-
-
 class Write(NamedTuple):
     """One statement of a batch's writes: ``executemany`` over rows when ``many``, else one ``execute``."""
 
     sql: str
     params: Any
     many: bool = False
-
-
-class BatchKeys(NamedTuple):
-    """The event ids, runs and sweeps a batch touches: what must be read before folding it."""
-
-    event_ids: set[str]
-    run_ids: set[str]
-    sweep_ids: set[str]
-
-    @classmethod
-    def of(cls, good: list[Recorded]) -> BatchKeys:
-        keys = cls(set(), set(), set())
-        for rec in good:
-            event = rec.event
-            keys.event_ids.add(event.id)
-            if isinstance(event, RunEvent):
-                keys.run_ids.add(event.run_id)
-            else:
-                keys.sweep_ids.add(event.sweep_id)  # type: ignore[union-attr]
-        return keys
-
-    def lookups(self) -> list[tuple[str, tuple[str]]]:
-        """(statement, parameters) for the seen ids, runs and sweeps; none for an empty key set."""
-        return [(sql, json_param(keys)) for sql, keys in
-                ((SELECT_SEEN, self.event_ids), (SELECT_RUNS, self.run_ids), (SELECT_SWEEPS, self.sweep_ids))
-                if keys]
-
-
-def views_from_rows(rows: dict[str, Iterable[Any]]) -> Views:
-    """A ``Views`` over the rows ``BatchKeys.lookups`` read (keyed by statement)."""
-    return Views(
-        {r.run_id: r for r in map(run_from_row, rows.get(SELECT_RUNS, ()))},
-        {s.sweep_id: s for s in map(sweep_from_row, rows.get(SELECT_SWEEPS, ()))},
-        {row[0] for row in rows.get(SELECT_SEEN, ())},
-    )
 
 
 Decoded: TypeAlias = tuple[list[Recorded], list[tuple]]
@@ -235,69 +184,6 @@ def fold(views: Views, good: list[Recorded], bad: list[tuple], last_seq: int) ->
     for rec in good:
         outcomes[views.apply(rec)] += 1
     return Folded(views, batch_writes(views, bad, last_seq), outcomes)
-
-
-class _Lru(OrderedDict[str, V]):
-    """Runs or sweeps by id, least recently used first; a plain dict to ``Views``."""
-
-    def touch(self, keys: Iterable[str]) -> set[str]:
-        """Mark ``keys`` used now; return those not held."""
-        missing = set()
-        for key in keys:
-            if key in self:
-                self.move_to_end(key)
-            else:
-                missing.add(key)
-        return missing
-
-    def trim(self, size: int) -> None:
-        while len(self) > size:
-            self.popitem(last=False)
-
-
-class ViewCache:
-    """The runs and sweeps recent batches touched, as folded, kept between batches by their only writer.
-
-    What it holds is the latest state even while the batch that made it is
-    still committing; what it does not hold was last changed by a committed
-    batch, so any connection reads it right. The last batch's event ids are
-    kept as well (its commit may not have landed): older ids are read from
-    the ``seen`` table. The least recently used entries go beyond ``size``,
-    which is at least two batches' worth, so nothing a committing batch
-    touched is dropped. A cache is only right while its owner is the
-    views' only writer: drop it when the checkpoint moves under it.
-    """
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.runs: _Lru[Run] = _Lru()
-        self.sweeps: _Lru[Sweep] = _Lru()
-        self.last_seen: set[str] = set()
-
-    def missing(self, keys: BatchKeys) -> BatchKeys:
-        """The part of ``keys`` to read from the database."""
-        return BatchKeys(keys.event_ids - self.last_seen, self.runs.touch(keys.run_ids),
-                         self.sweeps.touch(keys.sweep_ids))
-
-    def views(self, keys: BatchKeys, rows: dict[str, Iterable[Any]]) -> Views:
-        """The batch's views: the rows read for what was ``missing``, over what the cache holds."""
-        found = views_from_rows(rows)
-        self.runs.update(found.runs)
-        self.sweeps.update(found.sweeps)
-        return Views(self.runs, self.sweeps, found.seen | (keys.event_ids & self.last_seen))  # type: ignore[arg-type]
-
-    def folded(self, views: Views) -> None:
-        """Keep the event ids of the batch just folded; trim to size."""
-        self.last_seen = views.seen
-        self.runs.trim(self.size)
-        self.sweeps.trim(self.size)
-
-
-async def read_views(db: aiosqlite.Connection, keys: BatchKeys, cache: ViewCache | None = None) -> Views:
-    """The views a batch folds onto: what ``cache`` holds, the rest read from ``db``."""
-    cache = cache or ViewCache(0)
-    rows = {sql: await db.execute_fetchall(sql, params) for sql, params in cache.missing(keys).lookups()}
-    return cache.views(keys, rows)
 
 
 async def _rollback(db: aiosqlite.Connection) -> None:

@@ -25,7 +25,17 @@ from ledger.publisher import Publisher
 from ledger.server import free_port
 from projections.projector import Projector
 from projections.timeline import run_timeline
-from tests.factory import at, dump_views, eid, exited, heartbeat, preempting, run_row, started, sweep
+from tests.factory import (
+    at,
+    dump_views,
+    eid,
+    exited,
+    heartbeat,
+    preempting,
+    run_row,
+    started,
+    sweep,
+)
 from tests.test_api import get_json
 from tests.test_replay import other_nc, other_server  # noqa: F401  (fixtures)
 

@@ -14,6 +14,7 @@ import pytest
 from ledger.server import free_port
 from tests.jobs import Up, ledger
 
+
 @pytest.fixture
 def up(cli_env: dict[str, str], tmp_path: Path, js: object) -> Iterator[tuple[Up, dict[str, str]]]:
     """``ledger up`` on the test's nats-server (fresh stream), with its HTTP address in the env."""

@@ -12,7 +12,16 @@ from nats.js import JetStreamContext
 from ledger import events as ev
 from ledger.publisher import Publisher
 from projections.projector import Projector
-from tests.factory import dump_views, exited, heartbeat, killed, preempting, run_row, started, sweep
+from tests.factory import (
+    dump_views,
+    exited,
+    heartbeat,
+    killed,
+    preempting,
+    run_row,
+    started,
+    sweep,
+)
 
 
 async def project(js: JetStreamContext, db_path: Path, **kw: object) -> int:

@@ -39,7 +39,15 @@ from projections.rebuild import rebuild
 from projections.schema import run_from_row
 from projections.store import open_db
 from projections.timeline import AsOf, run_as_of, sweep_as_of
-from tests.factory import dump_views, exited, heartbeat, killed, preempting, started, sweep
+from tests.factory import (
+    dump_views,
+    exited,
+    heartbeat,
+    killed,
+    preempting,
+    started,
+    sweep,
+)
 
 LEDGER = [sys.executable, "-m", "ledger.cli"]
 

@@ -15,7 +15,15 @@ from ledger.client import AsyncLedger
 from ledger.server import EmbeddedNats, free_port
 from ledger.spool import Spool
 from ledger.stream import connect, ensure_stream
-from tests.jobs import LEDGER, async_wait_until, job_env, ledger_run, run_events, types, wait_until
+from tests.jobs import (
+    LEDGER,
+    async_wait_until,
+    job_env,
+    ledger_run,
+    run_events,
+    types,
+    wait_until,
+)
 
 
 class Server:

@@ -25,10 +25,17 @@ from ledger.events import AnyEvent, encode_event, subject_of
 from ledger.fold import Entry, Views
 from ledger.machine import RUN_STATES, Run
 from ledger.stream import StreamMessage
+from projections.lookups import BatchKeys, ViewCache, read_views
 from projections.schema import SCHEMA, entry_from_row, run_from_row
 from projections.store import (
-    BatchKeys, CheckpointMoved, Folded, ViewCache, apply_batch, batch_writes, commit_batch, decode_batch, fold,
-    open_db, read_views,
+    CheckpointMoved,
+    Folded,
+    apply_batch,
+    batch_writes,
+    commit_batch,
+    decode_batch,
+    fold,
+    open_db,
 )
 from tests.factory import dump_views, exited, heartbeat, started
 from tests.test_properties import EPOCH, event_lists

@@ -10,7 +10,12 @@ from typing import Any
 
 import click
 
-from ledger.commands.common import console, json_option, nats_url_option, nats_url_or_default
+from ledger.commands.common import (
+    console,
+    json_option,
+    nats_url_option,
+    nats_url_or_default,
+)
 from ledger.errors import LedgerError
 
 data_dir_option = click.option(

@@ -10,7 +10,15 @@ from typing import Any, TypeVar
 
 import click
 
-from ledger.commands.common import api_get, console, fail, http_option, json_option, nats_url_option, nats_url_or_default
+from ledger.commands.common import (
+    api_get,
+    console,
+    fail,
+    http_option,
+    json_option,
+    nats_url_option,
+    nats_url_or_default,
+)
 
 T = TypeVar("T")
 

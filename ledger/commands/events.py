@@ -15,7 +15,13 @@ from typing import IO, Any
 
 import click
 
-from ledger.commands.common import err_console, fail, json_option, nats_url_option, nats_url_or_default
+from ledger.commands.common import (
+    err_console,
+    fail,
+    json_option,
+    nats_url_option,
+    nats_url_or_default,
+)
 
 
 @click.group()

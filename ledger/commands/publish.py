@@ -9,7 +9,13 @@ import sys
 
 import click
 
-from ledger.commands.common import fail, json_option, nats_url_option, nats_url_or_default
+from ledger.commands.common import (
+    fail,
+    json_option,
+    nats_url_option,
+    nats_url_or_default,
+)
+
 
 @click.command()
 @click.argument("event", required=False)

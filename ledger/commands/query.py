@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import click
 
-from ledger.commands.common import api_get, console, http_option, json_option, print_json
+from ledger.commands.common import (
+    api_get,
+    console,
+    http_option,
+    json_option,
+    print_json,
+)
+
 
 def _tables():  # type: ignore[no-untyped-def]
     from ledger import tables

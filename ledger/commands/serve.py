@@ -12,6 +12,7 @@ import click
 
 from ledger.commands.common import console, json_option, nats_url_option
 
+
 @click.command()
 @click.option("--data-dir", envvar="LEDGER_DATA_DIR", default="./.ledger", show_default=True, type=click.Path(path_type=Path),
               help="Where the embedded NATS store and the views live  [env LEDGER_DATA_DIR]")
