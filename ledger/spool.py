@@ -161,6 +161,13 @@ class Spool:
             await db.close()
 
 
+LINGER_S: Final = 0.005
+"""How long a busy outbox waits to gather more events into one round."""
+BUSY_S: Final = 0.05
+LINGER_UNTIL: Final = 256
+"""Queued events that make a round go at once, lingering or not."""
+
+
 class Outbox:
     """Writes events to the spool at once, then sends them in order when NATS is there.
 
@@ -196,18 +203,31 @@ class Outbox:
         self._wake.set()
 
     async def run(self) -> None:
-        """Spool, then send, until cancelled."""
+        """Spool, then send, until cancelled.
+
+        While events keep coming (each of the last two rounds began under
+        ``BUSY_S`` after the one before ended), a round first waits
+        ``LINGER_S`` for more, so that a client heartbeating for many runs
+        spools and sends them a few dozen at a time rather than one by one.
+        Occasional events (a job's start and exit) go at once.
+        """
         delay = self.retry_after
+        last_round, streak = 0.0, 0
+        loop = asyncio.get_running_loop()
         while True:
             try:
                 async with asyncio.timeout(delay):
                     await self._wake.wait()
             except TimeoutError:
                 pass
+            streak = streak + 1 if loop.time() - last_round < BUSY_S else 0
+            if streak >= 2 and 0 < len(self._queue) < LINGER_UNTIL:
+                await asyncio.sleep(LINGER_S)
             self._wake.clear()
             await self._spool_queued()
             sent_all = await self.send_spooled()
             delay = self.retry_after if sent_all else min(delay * 2, 5.0)
+            last_round = loop.time()
             if sent_all and not self._queue:
                 self._idle.set()
 
