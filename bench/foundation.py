@@ -33,17 +33,12 @@ import asyncio
 import contextlib
 import gc
 import json
-import math
 import multiprocessing as mp
 import os
-import platform
 import random
 import shlex
 import shutil
-import signal
 import sqlite3
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,7 +48,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
-import msgspec
+from common import (
+    Interrupts,
+    RawCeiling,
+    cancel_on_interrupt,
+    machine_info,
+    median,
+    nearest_rank,
+    progress_printer,
+)
 
 # --------------------------------------------------------------------------- event mix
 
@@ -268,14 +271,6 @@ def generate_starts(n_runs: int, seed: int) -> tuple[list[Any], list[str]]:
 
 # --------------------------------------------------------------------------- measurements
 
-def median(xs: list[float]) -> float:
-    return float(statistics.median(xs)) if xs else float("nan")
-
-
-def nearest_rank(sorted_xs: list[float], q: float) -> float:
-    return sorted_xs[max(0, math.ceil(q * len(sorted_xs)) - 1)]
-
-
 async def fresh_stream(js: Any) -> None:
     from nats.js.errors import NotFoundError
 
@@ -417,9 +412,6 @@ def _count(db_path: Path, table: str) -> int:
         con.close()
 
 
-RAW_BATCH = 5000
-
-
 def projector_reader() -> type:
     """The reader class the project's Projector reads with (the working tree may change it)."""
     import projections.projector as module
@@ -437,44 +429,18 @@ async def bench_raw_projector(js: Any, db_path: Path, total: int, reader_cls: ty
 
     The reader is ``ledger.stream.OrderedReader`` (an ordered push consumer) unless ``reader_cls`` is given.
     """
-    from ledger.events import AnyEvent, RunEvent
     from ledger.stream import OrderedReader
 
-    decode = msgspec.json.Decoder(AnyEvent).decode
-    con = sqlite3.connect(db_path, isolation_level=None)
-    con.execute("PRAGMA journal_mode=WAL")
-    con.execute("PRAGMA synchronous=NORMAL")  # the same durability the project's views use
-    con.execute("CREATE TABLE events (seq INTEGER PRIMARY KEY, entity_id TEXT NOT NULL, "
-                "type TEXT NOT NULL, payload BLOB NOT NULL)")
-    insert = "INSERT INTO events (seq, entity_id, type, payload) VALUES (?, ?, ?, ?)"
-    gc.collect()
-    t0 = time.perf_counter()
-    reader = (reader_cls or OrderedReader)(js, 1)
-    await reader.start()
+    ceiling = RawCeiling(db_path)
     try:
-        rows: list[tuple[int, str, str, bytes]] = []
-        done = 0
-        while done < total:
-            batch = await reader.next_batch(RAW_BATCH - len(rows), STALL_S)
-            if not batch:
-                raise LostEvents(f"stalled at seq {done:,} of {total:,}")
-            for m in batch:
-                e = decode(m.data)
-                key = e.run_id if isinstance(e, RunEvent) else e.sweep_id
-                rows.append((m.seq, key, type(e).__struct_config__.tag, m.data))
-            if len(rows) >= RAW_BATCH or rows[-1][0] >= total:
-                con.execute("BEGIN")
-                con.executemany(insert, rows)
-                con.execute("COMMIT")
-                done = rows[-1][0]
-                rows = []
-        elapsed = time.perf_counter() - t0
-        (count,) = con.execute("SELECT count(*) FROM events").fetchone()
+        gc.collect()
+        elapsed, done = await ceiling.run(js, total, reader_cls or OrderedReader, STALL_S,
+                                          lambda done: LostEvents(f"stalled at seq {done:,} of {total:,}"))
+        count = ceiling.count()
         if count != total:
             raise LostEvents(f"reached seq {done:,} of {total:,} but {total - count:,} events skipped silently")
     finally:
-        await reader.stop()
-        con.close()
+        ceiling.close()
     return elapsed
 
 
@@ -596,15 +562,7 @@ async def run_bench(args: argparse.Namespace, url: str, work: Path, wl: Workload
     from ledger.stream import OrderedReader, connect
 
     # Ctrl-C / SIGTERM while the loop runs: cancel this task, so every finally block below runs.
-    me = asyncio.current_task()
-    loop = asyncio.get_running_loop()
-
-    def interrupt() -> None:
-        if on_interrupt():
-            me.cancel()  # type: ignore[union-attr]
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, interrupt)
+    cancel_on_interrupt(on_interrupt)
 
     mix, prepared, starts_prepared, api_ids = wl.mix, wl.prepared, wl.starts_prepared, wl.api_ids
     rng = random.Random(args.seed + 2)
@@ -694,44 +652,6 @@ async def run_bench(args: argparse.Namespace, url: str, work: Path, wl: Workload
         with contextlib.suppress(Exception):  # the server may be gone already (interrupted)
             await asyncio.wait_for(nc.close(), 5)
     return fig, mix
-
-
-def machine_info(work: Path) -> dict[str, Any]:
-    from importlib.metadata import version
-
-    from ledger.server import nats_server_binary
-
-    try:
-        nats_v = subprocess.run([nats_server_binary(), "--version"], capture_output=True, text=True,
-                                timeout=10, check=False).stdout.strip()
-    except Exception as exc:  # noqa: BLE001 - machine info is best effort
-        nats_v = f"unknown ({exc})"
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        df = subprocess.run(["df", "-T", str(work)], capture_output=True, text=True, timeout=5, check=False)
-        fs = df.stdout.splitlines()[-1].split()[1]
-    except Exception:  # noqa: BLE001 - machine info is best effort
-        fs = "unknown"
-    return {
-        "nproc": os.cpu_count(),
-        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu": cpu,
-        "python": platform.python_version(),
-        "nats_server": nats_v,
-        "nats_py": version("nats-py"),
-        "msgspec": version("msgspec"),
-        "sqlite": sqlite3.sqlite_version,
-        "platform": platform.platform(),
-        "tmp_fs": fs,
-        "loadavg_start": os.getloadavg(),
-    }
 
 
 def summarize(args: argparse.Namespace, fig: Figures, mix: Mix, info: dict[str, Any], command: str,
@@ -864,45 +784,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from rich.console import Console
-    from rich.markup import escape
 
     from ledger.server import EmbeddedNats, free_port
 
     err = Console(stderr=True, highlight=False)
     started = time.perf_counter()
-
-    def say(msg: str) -> None:
-        err.print(f"[dim]{time.perf_counter() - started:6.1f}s[/dim] {escape(msg)}")
+    say = progress_printer(started, err)
 
     command = shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["bench/foundation.py", *argv])
 
     # Ctrl-C / SIGTERM: outside the event loop the first one raises KeyboardInterrupt; inside it,
     # run_bench's loop handlers cancel the run so that every finally block runs. Later ones are ignored.
-    interrupted = False
-
-    def first_interrupt() -> bool:
-        nonlocal interrupted
-        first, interrupted = not interrupted, True
-        return first
-
-    def on_signal(signum: int, frame: Any) -> None:
-        if first_interrupt():
-            raise KeyboardInterrupt
-
-    handled = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.signal(sig, on_signal) for sig in handled}
+    interrupts = Interrupts()
     work = Path(tempfile.mkdtemp(prefix="ledger-bench-"))
     nats = EmbeddedNats(work / "nats", port=free_port())
     try:
-        info = machine_info(work)
+        info = machine_info(work, ("nats-py", "msgspec"))
         say(f"generating {args.events:,} events over {args.runs:,} runs and {args.api_runs:,} run starts "
             f"(seed {args.seed})")
         workload = build_workload(args)
         url = nats.start()
         say(f"nats-server at {url}, data in {work}")
-        fig, mix = asyncio.run(run_bench(args, url, work, workload, say, first_interrupt))
-        for sig in handled:  # asyncio.run put the defaults back
-            signal.signal(sig, on_signal)
+        fig, mix = asyncio.run(run_bench(args, url, work, workload, say, interrupts.first))
+        interrupts.rearm()  # asyncio.run put the defaults back
         summary = summarize(args, fig, mix, info, command, time.perf_counter() - started)
         summary["machine"]["loadavg_end"] = os.getloadavg()
         if args.json:
@@ -911,17 +815,14 @@ def main(argv: list[str] | None = None) -> int:
             print(render(summary))
         return 0
     except BaseException:
-        if not interrupted:
+        if not interrupts.interrupted:
             raise
         err.print("interrupted: cleaning up")  # whatever the interrupt surfaced as (nats-py converts some)
         return 130
     finally:
-        for sig in handled:
-            signal.signal(sig, signal.SIG_IGN)
-        nats.stop()
-        shutil.rmtree(work, ignore_errors=True)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        with interrupts.cleaning_up():
+            nats.stop()
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -48,15 +48,12 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import random
 import re
 import resource
 import shlex
 import shutil
-import signal
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,6 +62,17 @@ import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from common import (
+    Interrupts,
+    cancel_on_interrupt,
+    ledger_command,
+    machine_info,
+    median,
+    progress_printer,
+    rss_kib,
+    verdict,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -79,10 +87,6 @@ NOTABLE_IMPORTS = ("ledger.cli", "ledger.wrapper", "ledger.commands.audit", "led
                    "importlib.metadata", "aiosqlite", "anyio", "gzip", "ssl")
 NO_PYC = "ledger run -- true, PYTHONDONTWRITEBYTECODE=1, no cache dir"
 WHAT_IF = "ledger run -- true, gc.freeze() at exit [what-if]"  # the same, the final GC skipped
-
-
-def median(xs: list[float]) -> float:
-    return float(statistics.median(xs)) if xs else float("nan")
 
 
 def ms(ns: float) -> float:
@@ -176,12 +180,6 @@ PHASES = [
     ("asyncio.run teardown, atexit", "close<", "atexit"),
     ("interpreter shutdown, reaped by parent", "atexit", "end"),
 ]
-
-
-def ledger_command() -> list[str]:
-    """``ledger`` as a user runs it: the venv's console script, else ``python -m ledger.cli``."""
-    script = Path(sys.executable).parent / "ledger"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "ledger.cli"]
 
 
 def timed(cmd: list[str], env: dict[str, str], *, marks_file: Path | None = None) -> tuple[int, int, str]:
@@ -324,15 +322,6 @@ def _emit(obj: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def _rss_kib() -> dict[str, int]:
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            out[key] = int(value.split()[0])
-    return out
-
-
 def _proc_io() -> dict[str, int]:
     out = {}
     with contextlib.suppress(OSError):
@@ -393,7 +382,7 @@ async def heartbeat_client(cfg: dict[str, Any]) -> None:
     ledger = await AsyncLedger.connect(cfg["url"], spool=cfg["spool"])
     if not ledger.connected:
         raise SystemExit(f"client: NATS unreachable at {cfg['url']}")
-    _emit({"phase": "connected", "rss": _rss_kib()})
+    _emit({"phase": "connected", "rss": rss_kib()})
     handles = []
     t0 = time.perf_counter()
     for i in range(cfg["runs"]):
@@ -401,7 +390,7 @@ async def heartbeat_client(cfg: dict[str, Any]) -> None:
                                               command=["bench/jobs.py", "heartbeat-client"]))
     start_s = time.perf_counter() - t0
     gc.collect()
-    _emit({"phase": "started", "runs": len(handles), "seconds": start_s, "rss": _rss_kib()})
+    _emit({"phase": "started", "runs": len(handles), "seconds": start_s, "rss": rss_kib()})
     await asyncio.sleep(cfg["settle"])
 
     profiler = None
@@ -454,7 +443,7 @@ async def heartbeat_client(cfg: dict[str, Any]) -> None:
                         "samples": len(lags)} if lags else None,
         "sent_in_window": sent1 - sent0,
         "spool_rows_at_window_end": spool_rows,
-        "rss": _rss_kib(),
+        "rss": rss_kib(),
     }
     if profiler:
         profiler.dump_stats(cfg["profile"])
@@ -647,46 +636,6 @@ def profile_summary(path: Path, top: int = 25) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- driver
 
-def machine_info(work: Path) -> dict[str, Any]:
-    from importlib.metadata import version
-
-    from ledger.server import nats_server_binary
-
-    try:
-        nats_v = subprocess.run([nats_server_binary(), "--version"], capture_output=True, text=True,
-                                timeout=10, check=False).stdout.strip()
-    except Exception as exc:  # noqa: BLE001 - machine info is best effort
-        nats_v = f"unknown ({exc})"
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    try:
-        df = subprocess.run(["df", "-T", str(work)], capture_output=True, text=True, timeout=5, check=False)
-        fs = df.stdout.splitlines()[-1].split()[1]
-    except Exception:  # noqa: BLE001 - machine info is best effort
-        fs = "unknown"
-    return {
-        "nproc": os.cpu_count(),
-        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu": cpu,
-        "python": platform.python_version(),
-        "nats_server": nats_v,
-        "nats_py": version("nats-py"),
-        "aiosqlite": version("aiosqlite"),
-        "sqlite": sqlite3.sqlite_version,
-        "platform": platform.platform(),
-        "tmp_fs": fs,
-        "loadavg_start": os.getloadavg(),
-    }
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
-
-
 def render_heartbeat(h: dict[str, Any]) -> list[str]:
     c = h["client"]
     wall = c["wall_s"]
@@ -873,15 +822,7 @@ async def stream_messages(url: str) -> int:
 
 async def heartbeat_phase(args: argparse.Namespace, url: str, work: Path, server_pid: int, say: Any,
                           on_interrupt: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    me = asyncio.current_task()
-    loop = asyncio.get_running_loop()
-
-    def interrupt() -> None:
-        if on_interrupt():
-            me.cancel()  # type: ignore[union-attr]
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, interrupt)
+    cancel_on_interrupt(on_interrupt)
     result = await run_heartbeat_client(args, url, work, server_pid, say)
     if args.what_if:
         say("heartbeat: again, with the what-if Spool.remove (one transaction per batch) patched into the client")
@@ -902,31 +843,17 @@ def main(argv: list[str] | None = None) -> int:
     from ledger.server import EmbeddedNats, free_port
 
     started = time.perf_counter()
-
-    def say(msg: str) -> None:
-        print(f"{time.perf_counter() - started:6.1f}s {msg}", file=sys.stderr, flush=True)
+    say = progress_printer(started)
 
     command = shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["bench/jobs.py", *argv])
 
     # Ctrl-C / SIGTERM: outside the event loop the first one raises KeyboardInterrupt; inside it,
     # heartbeat_phase's handlers cancel the task so every finally block runs. Later ones are ignored.
-    interrupted = False
-
-    def first_interrupt() -> bool:
-        nonlocal interrupted
-        first, interrupted = not interrupted, True
-        return first
-
-    def on_signal(signum: int, frame: Any) -> None:
-        if first_interrupt():
-            raise KeyboardInterrupt
-
-    handled = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.signal(sig, on_signal) for sig in handled}
+    interrupts = Interrupts()
     work = Path(tempfile.mkdtemp(prefix="ledger-bench-jobs-"))
     nats = EmbeddedNats(work / "nats", port=free_port())
     try:
-        info = machine_info(work)
+        info = machine_info(work, ("nats-py", "aiosqlite"))
         url = nats.start()
         assert nats.process is not None
         asyncio.run(setup_stream(url))
@@ -945,9 +872,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"spool left {summary['wrapper_spool_rows']} rows")
                 summary["wrapper"]["pass"] = False
         if args.only in (None, "heartbeat"):
-            hb, prof = asyncio.run(heartbeat_phase(args, url, work, nats.process.pid, say, first_interrupt))
-            for sig in handled:  # asyncio.run put the defaults back
-                signal.signal(sig, on_signal)
+            hb, prof = asyncio.run(heartbeat_phase(args, url, work, nats.process.pid, say, interrupts.first))
+            interrupts.rearm()  # asyncio.run put the defaults back
             summary["heartbeat"] = hb
             if prof:
                 summary["profile"] = prof
@@ -958,17 +884,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary) if args.json else render(summary))
         return 0 if summary["pass"] else 1
     except BaseException:
-        if not interrupted:
+        if not interrupts.interrupted:
             raise
         print("interrupted: cleaning up", file=sys.stderr)
         return 130
     finally:
-        for sig in handled:
-            signal.signal(sig, signal.SIG_IGN)
-        nats.stop()
-        shutil.rmtree(work, ignore_errors=True)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        with interrupts.cleaning_up():
+            nats.stop()
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import shlex
 import shutil
@@ -44,18 +45,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-RAW_BATCH = 5000
-
-
-def proc_status() -> dict[str, int]:
-    """VmRSS and VmHWM of this process, in KiB."""
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            out[key] = int(value.split()[0])
-    return out
-
+# after sys.path, which has bench/ (also when this file is imported rather than run)
+from common import RawCeiling, cpu_model, nats_server_version, progress_printer, rss_kib
 
 # --------------------------------------------------------------------------- children
 
@@ -66,7 +57,7 @@ async def child_replay(url: str, work: Path, expected: int) -> dict[str, Any]:
     nc = await connect(url, name="bench-replay", reconnect=False)
     try:
         js = nc.jetstream()
-        base = proc_status()["VmRSS"]
+        base = rss_kib()["VmRSS"]
         t0 = time.perf_counter()
         result = await replay(js, work / "data")
         elapsed = time.perf_counter() - t0
@@ -82,47 +73,18 @@ async def child_replay(url: str, work: Path, expected: int) -> dict[str, Any]:
 
 
 async def child_ceiling(url: str, work: Path, expected: int) -> dict[str, Any]:
-    import msgspec
-
-    from ledger.events import AnyEvent, RunEvent
+    RawCeiling.modules()  # imported before anything else, as the memory after imports has always been measured
     from ledger.stream import PullReader, connect
 
     nc = await connect(url, name="bench-ceiling", reconnect=False)
-    decode = msgspec.json.Decoder(AnyEvent).decode
-    con = sqlite3.connect(work / "ceiling.db", isolation_level=None)
-    con.execute("PRAGMA journal_mode=WAL")
-    con.execute("PRAGMA synchronous=NORMAL")
-    con.execute("CREATE TABLE events (seq INTEGER PRIMARY KEY, entity_id TEXT NOT NULL, "
-                "type TEXT NOT NULL, payload BLOB NOT NULL)")
-    insert = "INSERT INTO events (seq, entity_id, type, payload) VALUES (?, ?, ?, ?)"
+    ceiling = RawCeiling(work / "ceiling.db")
     try:
         js = nc.jetstream()
-        base = proc_status()["VmRSS"]
-        t0 = time.perf_counter()
-        reader = PullReader(js, 1)
-        await reader.start()
-        try:
-            rows: list[tuple[int, str, str, bytes]] = []
-            done = 0
-            while done < expected:
-                batch = await reader.next_batch(RAW_BATCH - len(rows), 10.0)
-                if not batch:
-                    raise RuntimeError(f"ceiling stalled at seq {done}")
-                for m in batch:
-                    e = decode(m.data)
-                    key = e.run_id if isinstance(e, RunEvent) else e.sweep_id
-                    rows.append((m.seq, key, type(e).__struct_config__.tag, m.data))
-                if len(rows) >= RAW_BATCH or rows[-1][0] >= expected:
-                    con.execute("BEGIN")
-                    con.executemany(insert, rows)
-                    con.execute("COMMIT")
-                    done = rows[-1][0]
-                    rows = []
-            elapsed = time.perf_counter() - t0
-        finally:
-            await reader.stop()
+        base = rss_kib()["VmRSS"]
+        elapsed, _ = await ceiling.run(js, expected, PullReader, 10.0,
+                                       lambda done: RuntimeError(f"ceiling stalled at seq {done}"))
     finally:
-        con.close()
+        ceiling.close()
         await nc.close()
     return {"seconds": elapsed, "rss_after_imports_kib": base}
 
@@ -131,7 +93,7 @@ def child_main(args: argparse.Namespace) -> int:
     work = Path(args.work)
     fn = child_replay if args.child == "replay" else child_ceiling
     out = asyncio.run(fn(args.nats_url, work, args.expected))
-    out["peak_rss_kib"] = proc_status()["VmHWM"]
+    out["peak_rss_kib"] = rss_kib()["VmHWM"]
     print(json.dumps(out), flush=True)
     return 0
 
@@ -201,19 +163,8 @@ def bench_size(url: str, n_events: int, reps: int, seed: int, work: Path, say: A
 
 
 def machine() -> dict[str, Any]:
-    from ledger.server import nats_server_binary
-
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    nats_v = subprocess.run([nats_server_binary(), "--version"], capture_output=True, text=True).stdout.strip()
-    import os
-
+    cpu = cpu_model()
+    nats_v = nats_server_version(timeout=None, best_effort=False)
     return {"python": platform.python_version(), "sqlite": sqlite3.sqlite_version, "nats_server": nats_v,
             "cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()}
 
@@ -254,8 +205,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ledger.server import EmbeddedNats, free_port
 
-    def say(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
+    say = progress_printer(None)
 
     command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/replay.py", *sys.argv[1:]])
     sizes = [args.events, args.small or args.events // 4]

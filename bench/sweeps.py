@@ -52,12 +52,9 @@ import ctypes
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import signal
-import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -67,6 +64,16 @@ from collections import Counter
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from common import (
+    Interrupts,
+    ledger_command,
+    machine_info,
+    median,
+    nearest_rank,
+    progress_printer,
+    verdict,
+)
 
 KILL_TARGET_S = 1.0
 CRASH_SLACK_S = 2.0
@@ -83,17 +90,6 @@ while True:
 
 
 # --------------------------------------------------------------------------- small helpers
-
-def median(xs: list[float]) -> float:
-    return float(statistics.median(xs)) if xs else float("nan")
-
-
-def nearest_rank(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    return s[max(0, math.ceil(q * len(s)) - 1)]
-
 
 def stats(xs: list[float]) -> dict[str, Any]:
     return {"median": median(xs), "p90": nearest_rank(xs, 0.9), "min": min(xs, default=float("nan")),
@@ -141,12 +137,6 @@ def become_subreaper() -> bool:
         return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
-
-
-def ledger_command() -> list[str]:
-    """``ledger`` as a user runs it: the venv's console script, else ``python -m ledger.cli``."""
-    script = Path(sys.executable).parent / "ledger"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "ledger.cli"]
 
 
 class BenchError(Exception):
@@ -662,41 +652,6 @@ def claim_round(c: Cluster, args: argparse.Namespace, r: int, tag: str) -> dict[
 
 # --------------------------------------------------------------------------- report
 
-def machine_info(work: Path) -> dict[str, Any]:
-    from importlib.metadata import version
-
-    from ledger.server import nats_server_binary
-
-    try:
-        nats_v = subprocess.run([nats_server_binary(), "--version"], capture_output=True, text=True,
-                                timeout=10, check=False).stdout.strip()
-    except Exception as exc:  # noqa: BLE001 - machine info is best effort
-        nats_v = f"unknown ({exc})"
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    try:
-        df = subprocess.run(["df", "-T", str(work)], capture_output=True, text=True, timeout=5, check=False)
-        fs = df.stdout.splitlines()[-1].split()[1]
-    except Exception:  # noqa: BLE001 - machine info is best effort
-        fs = "unknown"
-    return {
-        "nproc": os.cpu_count(),
-        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu": cpu,
-        "python": platform.python_version(),
-        "nats_server": nats_v,
-        "nats_py": version("nats-py"),
-        "sqlite": sqlite3.sqlite_version,
-        "platform": platform.platform(),
-        "tmp_fs": fs,
-        "loadavg_start": os.getloadavg(),
-    }
-
-
 def summarize(args: argparse.Namespace, kills: list[dict[str, Any]], crashes: list[dict[str, Any]],
               claims: list[dict[str, Any]], errors: list[str], info: dict[str, Any], command: str,
               up_command: str, wall: float, cli_calls: int, cleanup: list[str]) -> dict[str, Any]:
@@ -759,10 +714,6 @@ def summarize(args: argparse.Namespace, kills: list[dict[str, Any]], crashes: li
         "cli_calls": cli_calls, "cleanup": cleanup, "wall_seconds": wall,
         "pass": kill["pass"] and crash["pass"] and (claim is None or claim["pass"]) and not errors,
     }
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
 
 
 def render(s: dict[str, Any]) -> str:
@@ -881,26 +832,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from rich.console import Console
-    from rich.markup import escape
 
     err = Console(stderr=True, highlight=False)
     started = time.perf_counter()
-
-    def say(msg: str) -> None:
-        err.print(f"[dim]{time.perf_counter() - started:6.1f}s[/dim] {escape(msg)}")
+    say = progress_printer(started, err)
 
     command = shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["bench/sweeps.py", *argv])
 
-    interrupted = False
-
-    def on_signal(signum: int, frame: Any) -> None:
-        nonlocal interrupted
-        if not interrupted:
-            interrupted = True
-            raise KeyboardInterrupt
-
-    handled = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.signal(sig, on_signal) for sig in handled}
+    interrupts = Interrupts()
     subreaper = become_subreaper()
     work = Path(tempfile.mkdtemp(prefix="ledger-bench-sweeps-"))
     cluster = Cluster(work, args.timeout, say)
@@ -943,26 +882,22 @@ def main(argv: list[str] | None = None) -> int:
                         + (f"; PROBLEMS {res['problems']}" if res["problems"] else ""))
         up_command = shlex.join(["ledger", *cluster.up_cmd[len(cluster.ledger):]])
         cleanup = cluster.cleanup()
-        for sig in handled:
-            signal.signal(sig, on_signal)
+        interrupts.rearm()
         summary = summarize(args, kills, crashes, claims, errors, info, command, up_command,
                             time.perf_counter() - started, cluster.cli_calls, cleanup)
         summary["machine"]["loadavg_end"] = os.getloadavg()
         print(json.dumps(summary) if args.json else render(summary))
         return 0 if summary["pass"] else 1
     except BaseException:
-        if not interrupted:
+        if not interrupts.interrupted:
             raise
         err.print("interrupted: cleaning up")
         return 130
     finally:
-        for sig in handled:
-            signal.signal(sig, signal.SIG_IGN)
-        for note in cluster.cleanup():
-            say(f"cleanup: {note}")
-        shutil.rmtree(work, ignore_errors=True)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        with interrupts.cleaning_up():
+            for note in cluster.cleanup():
+                say(f"cleanup: {note}")
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
