@@ -79,15 +79,6 @@ class SeqNotifier:
         return True
 
 
-class _Commit:
-    """A folded batch committing in the background (aiosqlite's thread) while the next one is read and folded."""
-
-    def __init__(self, task: asyncio.Task[None], batch: list[StreamMessage], decoded: Decoded) -> None:
-        self.task = task
-        self.batch = batch
-        self.decoded = decoded
-
-
 class _Restart(Exception):
     """The views database changed under the projector (swapped by a replay, or another writer moved
     its checkpoint): start again from that database's own checkpoint."""
@@ -118,7 +109,7 @@ class Projector:
         self._db: aiosqlite.Connection | None = None
         self._lookups: aiosqlite.Connection | None = None
         self._reader: PullReader | None = None
-        self._pending: _Commit | None = None
+        self._pending: asyncio.Task[None] | None = None  # the background commit
         self._cache = ViewCache(0)
 
     async def run(self, *, until_idle: bool = False,
@@ -138,6 +129,8 @@ class Projector:
                     if self._swapped():
                         raise _Restart
                     if not batch:
+                        with anyio.CancelScope(shield=True):
+                            await self._settle()  # idle: a failed commit must not wait for the next batch
                         await self._refresh_stream_seq()
                         continue
                     decoded = decode_batch(batch)
@@ -171,7 +164,7 @@ class Projector:
         pending, self._pending = self._pending, None
         if pending is not None:
             with contextlib.suppress(Exception):
-                await pending.task
+                await pending
         reader, self._reader = self._reader, None
         if reader is not None:
             await reader.stop()
@@ -199,14 +192,25 @@ class Projector:
             if self._swapped():
                 raise _Restart from None  # the file was swapped while writing
             raise
-        task = asyncio.create_task(self._commit(db, folded, batch, self.checkpoint, started))
-        self._pending = _Commit(task, batch, decoded)
+        self._pending = asyncio.create_task(self._commit(db, folded, batch, decoded, self.checkpoint, started))
 
-    async def _commit(self, db: aiosqlite.Connection, folded: Folded, batch: list[StreamMessage],
+    async def _commit(self, db: aiosqlite.Connection, folded: Folded, batch: list[StreamMessage], decoded: Decoded,
                       expected: int, started: float) -> None:
-        """Commit a folded batch, then publish its progress: metrics, the checkpoint, waiters on ``min_seq``."""
-        await commit_batch(db, folded, expected)
-        await self._committed(folded.outcomes, batch, started)
+        """Commit a folded batch, then publish its progress: metrics, the checkpoint, waiters on ``min_seq``.
+
+        A commit that found the database locked past SQLite's busy timeout
+        (another writer) is applied again, alone and with backoff, until the
+        lock is gone: it folds to the same state, so the batch folded after
+        it stays right (and that one's commit checks the checkpoint anyway).
+        """
+        try:
+            await commit_batch(db, folded, expected)
+            outcomes = folded.outcomes
+        except aiosqlite.OperationalError as exc:
+            if not _busy(exc) or self._swapped():
+                raise
+            outcomes = await _retry_busy(partial(apply_batch, db, batch, decoded))
+        await self._committed(outcomes, batch, started)
 
     async def _committed(self, outcomes: Counter[str], batch: list[StreamMessage], started: float) -> None:
         self.checkpoint = max(self.checkpoint, batch[-1].seq)
@@ -219,31 +223,19 @@ class Projector:
         self._export_lag()
 
     async def _settle(self) -> None:
-        """Wait for the batch committing in the background.
-
-        One that found the database busy is applied again here, on its own
-        and with backoff (it folds to the same state, so the batch folded
-        after it stays right); a moved checkpoint or a swapped file restarts
-        the projector; any other failure is raised.
-        """
+        """Wait for the batch committing in the background: a moved checkpoint or a swapped file
+        restarts the projector; any other failure is raised."""
         pending, self._pending = self._pending, None
         if pending is None:
             return
         try:
-            await pending.task
+            await pending
         except CheckpointMoved:
             raise _Restart from None
-        except aiosqlite.OperationalError as exc:
+        except aiosqlite.Error:
             if self._swapped():
                 raise _Restart from None
-            if not _busy(exc):
-                raise
-            started = time.perf_counter()
-            assert self._db is not None
-            outcomes = await _retry_busy(partial(apply_batch, self._db, pending.batch, pending.decoded))
-            if self.checkpoint >= pending.batch[0].seq or not outcomes:
-                raise _Restart from None  # another writer applied some of it: our folds are not its
-            await self._committed(outcomes, pending.batch, started)
+            raise
 
     async def _refresh_stream_seq(self) -> None:
         try:

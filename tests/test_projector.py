@@ -12,6 +12,7 @@ from nats.js import JetStreamContext
 from ledger import events as ev
 from ledger.publisher import Publisher
 from projections.projector import Projector
+from tests.conftest import Started, stop_task
 from tests.factory import (
     dump_views,
     exited,
@@ -87,6 +88,35 @@ class TestProjection:
                                     project(js, tmp_path / "shared.db", batch_size=5))
         assert [last, last] == both
         assert dump_views(tmp_path / "alone.db") == dump_views(tmp_path / "shared.db")
+
+    async def test_a_locked_database_is_waited_out(self, js: JetStreamContext, publisher: Publisher,
+                                                   tmp_path: Path) -> None:
+        """Another connection holding the write lock past SQLite's busy timeout (5 s) delays the views and
+        loses nothing: the batch whose commit gave up is applied again once the lock is gone."""
+        db_path = tmp_path / "v.db"
+        for event in [started("r1"), heartbeat("r1", step=1)]:
+            await publisher.publish(event)
+        projector = Projector(js, db_path, idle_poll=0.2)
+        status = Started()
+        task = asyncio.create_task(projector.run(task_status=status))  # type: ignore[arg-type]
+        try:
+            await status.wait()
+            assert await projector.notifier.wait_for(2, 10)
+            locker = sqlite3.connect(db_path, isolation_level=None)
+            locker.execute("BEGIN IMMEDIATE")
+            try:
+                for event in [heartbeat("r1", t=2, step=2), exited("r1", 0, t=3)]:
+                    await publisher.publish(event)
+                assert not await projector.notifier.wait_for(4, 6.0)  # nothing lands while the lock is held
+            finally:
+                locker.rollback()
+                locker.close()
+            assert await projector.notifier.wait_for(4, 10)
+        finally:
+            await stop_task(task)
+        assert 4 == await project(js, tmp_path / "reference.db")
+        assert dump_views(tmp_path / "reference.db") == dump_views(db_path)
+        assert ("finished", 2) == (run_row(db_path, "r1")["state"], run_row(db_path, "r1")["step"])  # type: ignore[index]
 
 
 class TestDuplicates:
