@@ -116,6 +116,14 @@ class _RunWriter:
                      step=self.step, progress=round(min(1.0, self.step / self.total_steps), 4))
 
 
+def distinct_run_ids(rng: random.Random, n: int) -> list[str]:
+    """``n`` distinct random run ids, in the order drawn (deterministic under ``rng``)."""
+    run_ids: dict[str, None] = {}
+    while len(run_ids) < n:
+        run_ids.setdefault(f"r{rng.getrandbits(48):012x}")
+    return list(run_ids)
+
+
 def generate_mix(n_events: int, n_runs: int, seed: int) -> Mix:
     """A deterministic, realistic lifecycle mix of exactly ``n_events`` events over ``n_runs`` runs.
 
@@ -130,13 +138,7 @@ def generate_mix(n_events: int, n_runs: int, seed: int) -> Mix:
     rng = random.Random(seed)
     n_sweeps = max(1, n_runs // 2000)
     sweeps = [f"sweep-{i:02d}-{rng.getrandbits(24):06x}" for i in range(n_sweeps)]
-    run_ids: list[str] = []
-    seen_ids: set[str] = set()
-    while len(run_ids) < n_runs:
-        rid = f"r{rng.getrandbits(48):012x}"
-        if rid not in seen_ids:
-            seen_ids.add(rid)
-            run_ids.append(rid)
+    run_ids = distinct_run_ids(rng, n_runs)
 
     plans = []
     lifecycle = 0
@@ -253,13 +255,7 @@ def generate_starts(n_runs: int, seed: int) -> tuple[list[Any], list[str]]:
     from ledger import events as ev
 
     rng = random.Random(seed)
-    run_ids: list[str] = []
-    seen: set[str] = set()
-    while len(run_ids) < n_runs:
-        rid = f"r{rng.getrandbits(48):012x}"
-        if rid not in seen:
-            seen.add(rid)
-            run_ids.append(rid)
+    run_ids = distinct_run_ids(rng, n_runs)
     out = []
     for k, rid in enumerate(run_ids):
         t = k * 0.5

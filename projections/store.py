@@ -170,9 +170,8 @@ def _history(views: Views) -> Write:
 
 
 class Folded(NamedTuple):
-    """A folded batch: its views (the state after it), what its commit writes, what each event did."""
+    """A folded batch: what its commit writes, and what each of its events did."""
 
-    views: Views
     writes: list[Write]
     outcomes: Counter[str]
 
@@ -183,7 +182,7 @@ def fold(views: Views, good: list[Recorded], bad: list[tuple], last_seq: int) ->
     outcomes["quarantined"] = len(bad)
     for rec in good:
         outcomes[views.apply(rec)] += 1
-    return Folded(views, batch_writes(views, bad, last_seq), outcomes)
+    return Folded(batch_writes(views, bad, last_seq), outcomes)
 
 
 async def _rollback(db: aiosqlite.Connection) -> None:
