@@ -214,7 +214,7 @@ def decode_event(subject: str, data: bytes | memoryview) -> AnyEvent:
     except msgspec.ValidationError as exc:
         raise InvalidEvent(f"invalid event: {exc}") from exc
     except msgspec.DecodeError as exc:
-        raise InvalidEvent(f"not JSON: {exc}") from exc
+        raise InvalidEvent(_undecodable(data, exc)) from exc
     except UnicodeDecodeError as exc:
         raise InvalidEvent(f"not UTF-8: {exc}") from exc
     except RecursionError as exc:
@@ -224,6 +224,16 @@ def decode_event(subject: str, data: bytes | memoryview) -> AnyEvent:
     if subject != prefix + entity + suffix:
         raise InvalidEvent(f"subject {subject!r} disagrees with payload (expected {subject_of(event)!r})")
     return event
+
+
+def _undecodable(data: bytes | memoryview, exc: Exception) -> str:
+    """Why bytes did not decode: told by looking at the bytes, not at the library's wording
+    (msgspec reports invalid UTF-8 as a DecodeError, and its text may change)."""
+    try:
+        bytes(data).decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return f"not UTF-8: invalid byte at offset {bad.start}"
+    return f"not JSON: {exc}"
 
 
 _SUBJECT_PARTS: Final = {
