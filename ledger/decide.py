@@ -1,7 +1,8 @@
 """Decisions of the ledger's own publishers: may this run start, and as which attempt?
 
-Pure: the run and sweep as folded from the stream, the time, the options in;
-an attempt number out, or ResumeRefused carrying the rule that refused.
+Pure: the run and sweep as folded from the stream, the time, the options (and
+the attempt a scheduler asks for, if any) in; an attempt number out, or
+ResumeRefused carrying the rule that refused.
 The atomicity against concurrent starts comes from the caller's
 expected-sequence append, not from here.
 """
@@ -12,7 +13,7 @@ from datetime import datetime, timedelta
 
 from ledger.errors import ResumeRefused
 from ledger.events import ResumeMode
-from ledger.machine import SWEEP_CLOSED, Run, Sweep, starts_new_attempt
+from ledger.machine import SWEEP_CLOSED, Run, Sweep, attempt_of_start, used_attempt
 
 
 class StartRefused(ResumeRefused):
@@ -55,19 +56,44 @@ def _sweep_takes_new_runs(run: Run | None, sweep: Sweep | None) -> None:
         raise StartRefused("sweep-closed", f"sweep {sweep.sweep_id!r} is {sweep.state} and takes no new runs")
 
 
+def _attempt_is_new(run: Run | None, attempt: int | None) -> None:
+    """A start naming its attempt must name one the run has not started: the ledger would record
+    it as stale and change nothing (CONTRACT section 2, "Attempts"), so the caller would run a
+    process the ledger does not see. It exists for a scheduler restarting a job twice under one
+    restart count, or a requeued job that reads an old count."""
+    if run is not None and attempt is not None and attempt <= used_attempt(run):
+        raise StartRefused("attempt-stale", f"run {run.run_id!r} already started attempt {used_attempt(run)} "
+                                            f"(state {run.state}); attempt {attempt} would be stale")
+
+
+def _attempt_in_range(attempt: int | None) -> None:
+    """Attempts count from 1 (the wire schema refuses anything else)."""
+    if attempt is not None and not 1 <= attempt <= 2**63 - 1:
+        raise StartRefused("attempt-invalid", f"attempt {attempt} is not a positive 64-bit integer")
+
+
 def decide_start(run: Run | None, run_id: str, mode: ResumeMode, *, sweep: Sweep | None = None,
-                 now: datetime, fresh_within: timedelta, force: bool = False) -> int:
+                 now: datetime, fresh_within: timedelta, force: bool = False, attempt: int | None = None) -> int:
     """The attempt a start of ``run_id`` gets under ``mode``, or StartRefused.
 
     ``run`` is the run as folded from the stream (None: the id was never used).
+    ``attempt`` is the attempt the caller knows it is (a scheduler's restart
+    count, e.g. SLURM_RESTART_COUNT + 1), or None to let the ledger count:
+    given, it is the answer unless the run already started it or a later one
+    (refused: ``attempt-stale``); publish it in ``run.started`` as ``attempt``.
+    The resume modes apply either way: a run that exists is a resume.
     """
+    _attempt_in_range(attempt)
     _never_reuses_an_id(run, mode)
     _must_find_the_run(run, run_id, mode)
     _no_twin_processes(run, now, fresh_within, force)
     _sweep_takes_new_runs(run, sweep)
+    _attempt_is_new(run, attempt)
     if run is None:
-        return 1
-    return run.attempt + 1 if starts_new_attempt(run) else run.attempt
+        return attempt if attempt is not None else 1
+    decided = attempt_of_start(run, attempt)
+    assert decided is not None  # a stale attempt was refused above
+    return decided
 
 
 def decide_queue(run: Run | None, run_id: str, sweep: Sweep | None) -> None:

@@ -3,6 +3,14 @@
 The projector loads the rows a batch touches into a ``Views``, applies the
 batch here, and writes back what changed; tests fold whole streams in memory.
 Both give the same answer by construction.
+
+A sweep exists from its first event, or from the first run event that names
+it (CONTRACT section 2): a ``run.queued`` or ``run.started`` whose
+``sweep_id`` the run takes on creates an unknown sweep as ``running``, at
+that event's time, with a history entry of its own. So a run never points at
+a sweep the views cannot show. A reader that folds a batch onto loaded rows
+must load the sweeps its run events name (``naming_sweep``), or it would
+take a known sweep for a new one.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ from typing import Literal, TypeAlias
 import msgspec
 from msgspec.structs import replace
 
-from ledger.events import AnyEvent, RunEvent, SweepEvent, tag_of
+from ledger.events import AnyEvent, RunEvent, RunQueued, RunStarted, SweepEvent, tag_of
 from ledger.machine import (
     Effect,
     Run,
@@ -27,6 +35,14 @@ from ledger.machine import (
 )
 
 Kind: TypeAlias = Literal["run", "sweep"]
+
+
+def naming_sweep(event: AnyEvent) -> str | None:
+    """The sweep a run event names (``sweep_id`` of ``run.queued`` / ``run.started``), if any."""
+    kind = type(event)
+    if kind is RunStarted or kind is RunQueued:
+        return event.sweep_id  # type: ignore[union-attr]
+    return None
 
 
 class Recorded(msgspec.Struct, frozen=True, gc=False):
@@ -88,6 +104,9 @@ class Views:
             self.dirty_runs.add(run_id)
             if old_run is None or old_run.state != run.state or old_run.attempt != run.attempt:
                 self.history.append(("run", run_id, self._entry(run.state, rec)))
+            sweep_id = naming_sweep(event)
+            if sweep_id is not None and sweep_id == run.sweep_id and sweep_id not in self.sweeps:
+                self._imply_sweep(sweep_id, rec, run_id)
             return "applied"
         assert isinstance(event, SweepEvent)
         old_sweep = self.sweeps.get(event.sweep_id)
@@ -101,8 +120,15 @@ class Views:
         self.history.append(("sweep", sweep.sweep_id, self._entry(sweep.state, rec)))
         return "applied"
 
+    def _imply_sweep(self, sweep_id: str, rec: Recorded, run_id: str) -> None:
+        """A run event named a sweep never seen: the sweep exists from it, ``running``, at the event's time."""
+        at = rec.event.at
+        self.sweeps[sweep_id] = Sweep(sweep_id=sweep_id, created_at=at, updated_at=at, seq=rec.seq)
+        self.dirty_sweeps.add(sweep_id)
+        self.history.append(("sweep", sweep_id, self._entry("running", rec, f"implied by run {run_id}")))
+
     @staticmethod
-    def _entry(state: str, rec: Recorded) -> Entry:
+    def _entry(state: str, rec: Recorded, reason: str | None = None) -> Entry:
         return Entry(
             state=state,
             at=rec.event.at,
@@ -110,7 +136,7 @@ class Views:
             seq=rec.seq,
             event_id=rec.event.id,
             event_type=tag_of(rec.event),
-            reason=reason_of(rec.event),
+            reason=reason if reason is not None else reason_of(rec.event),
         )
 
     def fold(self, batch: Iterable[Recorded]) -> Views:

@@ -9,7 +9,7 @@ stamps them on what changed.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Final, Literal, TypeAlias
+from typing import Final, Literal, TypeAlias, assert_never
 
 import msgspec
 from msgspec.structs import replace
@@ -58,7 +58,12 @@ SWEEP_CLOSED: Final = frozenset({"paused", "stopped"}) | SWEEP_TERMINAL
 
 
 class Run(msgspec.Struct, frozen=True, kw_only=True, gc=False):
-    """The current state of one run (the contract's Run shape)."""
+    """The current state of one run (the contract's Run shape).
+
+    ``last_heartbeat_at`` is the latest heartbeat of the current attempt
+    (a start of another attempt clears it), so it never moves backwards
+    within an attempt.
+    """
 
     run_id: str
     sweep_id: str | None = None
@@ -96,6 +101,27 @@ def starts_new_attempt(run: Run) -> bool:
     return run.started_at is not None or run.terminal or run.state in ("preempted", "crashed")
 
 
+def used_attempt(run: Run) -> int:
+    """The highest attempt the run has started (or ended without starting, e.g. killed while
+    pending): its current attempt once ``starts_new_attempt``, else 0 (no attempt used yet)."""
+    return run.attempt if starts_new_attempt(run) else 0
+
+
+def attempt_of_start(run: Run, requested: int | None) -> int | None:
+    """The attempt ``run.started`` carrying ``requested`` starts on this run; None when it is stale.
+
+    Contract section 2, "Attempts": a start that names its attempt N starts
+    attempt N (a scheduler may know its restart count, e.g. SLURM_RESTART_COUNT,
+    before the ledger does), unless N is not higher than an attempt the run
+    already started (``used_attempt``): then it is stale and changes nothing.
+    A start that names none keeps rule 2: the first start keeps the run's
+    attempt, a resume takes the next one.
+    """
+    if requested is None:
+        return run.attempt + 1 if starts_new_attempt(run) else run.attempt
+    return requested if requested > used_attempt(run) else None
+
+
 def new_run(event: RunEvent) -> Run:
     """Tolerance rule: an event of a run never seen creates it as ``pending``."""
     return Run(run_id=event.run_id, created_at=event.at)
@@ -110,17 +136,44 @@ Effect: TypeAlias = Literal["applied", "unchanged", "late", "stale"]
 
 
 def fenced(run: Run, event: AnyRunEvent) -> bool:
-    """Rule 10: an event of another attempt (not a start) comes from a zombie."""
-    return not isinstance(event, RunStarted) and event.attempt is not None and event.attempt != run.attempt
+    """Whether the event is ``stale``: rule 10, an event (not a start) of another attempt comes
+    from a zombie; or a start naming an attempt the run already started ("Attempts")."""
+    attempt = event.attempt
+    if attempt is None:
+        return False
+    if type(event) is RunStarted:
+        return attempt <= used_attempt(run)
+    return attempt != run.attempt
+
+
+def late(run: Run, event: RunHeartbeat) -> bool:
+    """Whether a heartbeat changes nothing because it comes too late.
+
+    Rule 3: the run is terminal or preempted. "Attempts": the heartbeat is
+    older (by ``at``) than the last one applied in the run's current attempt
+    (``last_heartbeat_at``), so a run never moves backwards. The comparison
+    restarts with each attempt, since a start of another attempt clears
+    ``last_heartbeat_at`` (the new attempt's host keeps its own clock). A
+    heartbeat at the same instant as the last one applies. A late heartbeat
+    is no evidence of life either: it does not revive a crashed run, and
+    rule 9 still compares a crash with the latest heartbeat applied.
+    """
+    if run.state in _HEARTBEAT_ENDED:
+        return True
+    latest = run.last_heartbeat_at
+    return latest is not None and event.at < latest
 
 
 def step(run: Run, event: AnyRunEvent) -> tuple[Effect, Run]:
     """Apply one run event and say what it did: applied, or why it changed nothing."""
     if fenced(run, event):
         return "stale", run
-    if type(event) is RunHeartbeat and (run.state in TERMINAL or run.state == "preempted"):
-        return "late", run
-    new = _unfenced(run, event)
+    if type(event) is RunHeartbeat:  # most of any stream: the shortest path
+        if late(run, event):
+            return "late", run
+        new = _beat(run, event)
+    else:
+        new = _unfenced(run, event)
     return ("unchanged" if new is run or new == run else "applied"), new
 
 
@@ -134,16 +187,16 @@ def _ended(run: Run, state: RunState, at: datetime, **changes: object) -> Run:
 
 
 def evolve(run: Run, event: AnyRunEvent) -> Run:
-    """Apply one run event (rules 1-10 of CONTRACT section 2). Total: never raises."""
+    """Apply one run event (rules 1-10 and "Attempts" of CONTRACT section 2). Total: never raises."""
     if fenced(run, event):
-        return run  # rule 10: a zombie of another attempt
+        return run  # rule 10: a zombie of another attempt, or a stale start
     return _unfenced(run, event)
 
 
 def _unfenced(run: Run, event: AnyRunEvent) -> Run:
     """``evolve`` once the event is known to belong to the run's attempt (rules 1-9)."""
     if type(event) is RunHeartbeat:  # most of any stream: decided before the match below
-        return _heartbeat(run, event)
+        return run if late(run, event) else _beat(run, event)
     match event:
         case RunQueued():
             if run.state != "pending" or run.started_at is not None:
@@ -157,20 +210,24 @@ def _unfenced(run: Run, event: AnyRunEvent) -> Run:
             # from pending, or from preempted: claimed from the sweep's queue to start again
             return replace(run, state="initializing") if run.state in ("pending", "preempted") else run
         case RunStarted():
-            resumed = starts_new_attempt(run)
+            attempt = attempt_of_start(run, event.attempt)
+            if attempt is None:
+                return run  # stale: fenced before this point; kept for a direct call
             return replace(
                 run,
                 state="running",
-                attempt=run.attempt + 1 if resumed else run.attempt,
+                attempt=attempt,
                 sweep_id=event.sweep_id or run.sweep_id,
                 started_at=event.at,
                 ended_at=None,
                 exit_code=None,
                 signal=None,
                 preempting=False,
+                # another attempt keeps its own heartbeat clock ("Attempts"); the same one keeps it
+                last_heartbeat_at=run.last_heartbeat_at if attempt == run.attempt else None,
             )
         case RunHeartbeat():
-            return _heartbeat(run, event)
+            return run if late(run, event) else _beat(run, event)
         case RunSignalled():
             return run if run.terminal else replace(run, signal=event.signal)
         case RunPreempting():
@@ -201,33 +258,32 @@ def _unfenced(run: Run, event: AnyRunEvent) -> Run:
                 return run  # rule 9: a heartbeat came after the crash was decided
             return _ended(run, "crashed", event.at)
         case _:
-            return run
+            assert_never(event)
 
 
-def _heartbeat(run: Run, event: RunHeartbeat) -> Run:
-    """Rule 3: a heartbeat keeps a live run's clock and progress, revives a pending/crashed one."""
-    state = run.state
-    if state in TERMINAL or state == "preempted":
-        return run  # late
-    latest = run.last_heartbeat_at
-    if state in _REVIVED:
+def _beat(run: Run, event: RunHeartbeat) -> Run:
+    """Rule 3, for a heartbeat that is not ``late``: it keeps a live run's clock and progress,
+    and revives a pending, initializing or crashed one."""
+    if run.state in _REVIVED:
         return replace(
             run,
             state="running",
             ended_at=None,
-            last_heartbeat_at=event.at if latest is None or event.at > latest else latest,
+            last_heartbeat_at=event.at,
             step=event.step if event.step is not None else run.step,
             progress=event.progress if event.progress is not None else run.progress,
         )
     return replace(
         run,
-        last_heartbeat_at=event.at if latest is None or event.at > latest else latest,
+        last_heartbeat_at=event.at,
         step=event.step if event.step is not None else run.step,
         progress=event.progress if event.progress is not None else run.progress,
     )
 
 
 _REVIVED: Final = frozenset({"pending", "initializing", "crashed"})
+_HEARTBEAT_ENDED: Final = TERMINAL | {"preempted"}
+"""States in which a heartbeat is late (rule 3)."""
 
 
 _SWEEP_MOVES: Final[dict[type, tuple[frozenset[str], SweepState]]] = {
@@ -272,5 +328,7 @@ def reason_of(event: AnyRunEvent | AnySweepEvent) -> str | None:
         case SweepCreated() | SweepPaused() | SweepResumed() | SweepStopped() | SweepCancelled() \
                 | SweepFinished() | SweepFailed() | SweepCrashed():
             return event.reason
-        case _:
+        case RunQueued() | RunInitializing() | RunSignalled() | RunPreempting() | RunStopping():
             return None
+        case _:
+            assert_never(event)

@@ -14,7 +14,7 @@ from typing import Any, Final, NamedTuple, TypeVar
 import aiosqlite
 
 from ledger.events import RunEvent
-from ledger.fold import Recorded, Views
+from ledger.fold import Recorded, Views, naming_sweep
 from ledger.machine import Run, Sweep
 from projections.schema import json_param, run_from_row, sweep_from_row
 
@@ -35,12 +35,17 @@ class BatchKeys(NamedTuple):
 
     @classmethod
     def of(cls, good: list[Recorded]) -> BatchKeys:
+        """The keys of a batch: its events' ids, runs, and sweeps, including every sweep a run
+        event names (it may imply the sweep: the fold must know whether it exists)."""
         keys = cls(set(), set(), set())
         for rec in good:
             event = rec.event
             keys.event_ids.add(event.id)
             if isinstance(event, RunEvent):
                 keys.run_ids.add(event.run_id)
+                sweep_id = naming_sweep(event)
+                if sweep_id is not None:
+                    keys.sweep_ids.add(sweep_id)
             else:
                 keys.sweep_ids.add(event.sweep_id)  # type: ignore[union-attr]
         return keys

@@ -6,6 +6,11 @@ pure fold the projector uses (``Views``: duplicates by event id, the state
 machine, its ``effect``). No views database and no full replay are involved:
 this is how the stream proves what the views say.
 
+A sweep implied by a run event (CONTRACT section 2: it exists from the first
+run event that names it) has no message of its own before that event, so its
+as-of also searches the ``run.queued`` and ``run.started`` subjects before
+the sweep's first own message for the event that implied it.
+
 Limits, by construction: an event id reused by *another* run or sweep (ids
 should be globally unique) is a duplicate to the views but not here; and the
 stream clock is taken as non-decreasing (a time cut stops at the first
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
+from collections.abc import AsyncGenerator
 from datetime import datetime
 from typing import Any, Final, Literal
 
@@ -27,12 +33,14 @@ from ledger.events import (
     AnyEvent,
     RunCrashed,
     RunEvent,
+    RunHeartbeat,
+    RunStarted,
     check_entity_id,
     decode_event,
     tag_of,
 )
-from ledger.fold import Recorded, Views
-from ledger.machine import ALIVE, Run, Sweep, new_run
+from ledger.fold import Recorded, Views, naming_sweep
+from ledger.machine import ALIVE, TERMINAL, Run, Sweep, new_run
 from ledger.stream import StreamMessage, read_range, recorded_at_of
 
 Effect = Literal["applied", "unchanged", "late", "stale", "duplicate", "quarantined"]
@@ -94,9 +102,15 @@ def _why(outcome: str, event: AnyEvent, base: Run, after: Run | None, created: b
         return f"duplicate: event id {event.id} was first recorded at seq {first_seen[event.id]}"
     if outcome == "stale":
         suffix = " (it created the run)" if created else ""
+        if isinstance(event, RunStarted):
+            return (f"stale start: the run already started attempt {base.attempt}, and this start's "
+                    f"attempt {event.attempt} is not higher; no change")
         return (f"stale: fenced, the event's attempt {event.attempt} is not the run's attempt "  # type: ignore[union-attr]
                 f"{base.attempt} (a zombie of another attempt){suffix}")
     if outcome == "late":
+        if isinstance(event, RunHeartbeat) and base.state not in TERMINAL | {"preempted"}:
+            return (f"late heartbeat: older (at {event.at}) than the last one applied in attempt {base.attempt} "
+                    f"(at {base.last_heartbeat_at}); no change")
         return f"late heartbeat: the run is {base.state}; no state change"
     if outcome == "unchanged":
         if isinstance(event, RunCrashed):
@@ -151,11 +165,12 @@ async def run_timeline(js: JetStreamContext, run_id: str, *, stall_timeout: floa
                 first_seen.setdefault(event.id, msg.seq)
                 after = views.runs.get(run_id)
                 changes = _changes(current, after)
+                made_entry = any(kind == "run" for kind, _, _ in views.history[marks:])
                 entries.append(TimelineEntry(
                     seq=msg.seq, recorded_at=recorded_at_of(msg), subject=msg.subject, event_id=event.id,
                     event_type=tag_of(event), at=event.at, attempt=event.attempt, effect=outcome,  # type: ignore[arg-type]
                     why=_why(outcome, event, base, after, current is None and after is not None, first_seen, changes),
-                    changes=changes, history=len(views.history) > marks,
+                    changes=changes, history=made_entry,
                     state=after.state if after else None, run=after))
     summary: Counter[str] = Counter(e.effect for e in entries)
     return Timeline(run_id=run_id, events=entries, summary=dict(summary), run=views.runs.get(run_id))
@@ -170,20 +185,29 @@ class AsOf(msgspec.Struct, frozen=True):
     time: datetime | None = None
 
 
-async def _fold_until(js: JetStreamContext, subject: str, cut: AsOf, stall_timeout: float) -> Views:
-    views = Views()
+async def _recorded(js: JetStreamContext, subject: str, cut: AsOf,
+                    stall_timeout: float) -> AsyncGenerator[Recorded, None]:
+    """The valid events on ``subject`` at or before the cut, in stream order (quarantined ones change nothing)."""
     async with contextlib.aclosing(read_range(js, subject=subject, stop_seq=cut.seq,
                                               stall_timeout=stall_timeout)) as batches:
         async for batch in batches:
             for msg in batch:
                 recorded = recorded_at_of(msg)
                 if cut.time is not None and recorded > cut.time:
-                    return views
+                    return
                 try:
                     event = decode_event(msg.subject, msg.data)
                 except InvalidEvent:
                     continue  # quarantined: changes nothing
-                views.apply(Recorded(msg.seq, recorded, event))
+                yield Recorded(msg.seq, recorded, event)
+
+
+async def _fold_until(js: JetStreamContext, subject: str, cut: AsOf, stall_timeout: float,
+                      views: Views | None = None) -> Views:
+    views = views if views is not None else Views()
+    async with contextlib.aclosing(_recorded(js, subject, cut, stall_timeout)) as events:
+        async for rec in events:
+            views.apply(rec)
     return views
 
 
@@ -193,7 +217,53 @@ async def run_as_of(js: JetStreamContext, run_id: str, cut: AsOf, *, stall_timeo
     return views.runs.get(run_id)
 
 
+async def _implies(js: JetStreamContext, rec: Recorded, sweep_id: str, stall_timeout: float) -> bool:
+    """Whether this run event, folded after its run's earlier events, is the one that implied the sweep."""
+    run_id = rec.event.run_id  # type: ignore[union-attr]
+    views = await _fold_until(js, run_subject(run_id), AsOf(seq=rec.seq - 1), stall_timeout)
+    views.apply(rec)
+    sweep = views.sweeps.get(sweep_id)
+    return sweep is not None and sweep.seq == rec.seq
+
+
+async def implied_by(js: JetStreamContext, sweep_id: str, cut: AsOf, *,
+                     stall_timeout: float = 10.0) -> Recorded | None:
+    """The run event at or before the cut that made the sweep exist (CONTRACT section 2), if any.
+
+    Reads the ``run.queued`` and ``run.started`` subjects of every run up to the
+    cut (pass the sweep's first own message as the cut: after that the sweep
+    exists anyway); a candidate that names the sweep is checked against its
+    run's own earlier events (a stale start names it but changes nothing).
+    """
+    found: Recorded | None = None
+    for kind in ("queued", "started"):
+        stop = cut.seq if found is None else min(found.seq - 1, cut.seq if cut.seq is not None else found.seq)
+        async with contextlib.aclosing(_recorded(js, f"ledger.run.*.{kind}", AsOf(seq=stop, time=cut.time),
+                                                 stall_timeout)) as events:
+            async for rec in events:
+                if naming_sweep(rec.event) == sweep_id and await _implies(js, rec, sweep_id, stall_timeout):
+                    found = rec
+                    break
+    return found
+
+
 async def sweep_as_of(js: JetStreamContext, sweep_id: str, cut: AsOf, *, stall_timeout: float = 10.0) -> Sweep | None:
-    """The sweep's own state after the last of its events at or before the cut; None if unknown then."""
-    views = await _fold_until(js, sweep_subject(sweep_id), cut, stall_timeout)
+    """The sweep's own state after the last of its events at or before the cut; None if unknown then.
+
+    A sweep a run event implied exists from that event (``implied_by``), as
+    the views have it: ``running``, created at that event's time.
+    """
+    own: list[Recorded] = []
+    async with contextlib.aclosing(_recorded(js, sweep_subject(sweep_id), cut, stall_timeout)) as events:
+        async for rec in events:
+            own.append(rec)
+    before_own = AsOf(seq=min(own[0].seq - 1, cut.seq if cut.seq is not None else own[0].seq), time=cut.time) \
+        if own else cut
+    views = Views()
+    implied = await implied_by(js, sweep_id, before_own, stall_timeout=stall_timeout)
+    if implied is not None:
+        at = implied.event.at
+        views.sweeps[sweep_id] = Sweep(sweep_id=sweep_id, created_at=at, updated_at=at, seq=implied.seq)
+    for rec in own:
+        views.apply(rec)
     return views.sweeps.get(sweep_id)
