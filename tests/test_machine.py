@@ -20,6 +20,11 @@ implies elsewhere:
 - Sweeps: pause only a running sweep, resume only a paused one, stop a running
   or paused one; cancel / finish / fail / crash end any sweep not yet ended;
   ``sweep.created`` only creates; an ended sweep never moves again.
+- Attempts: a start naming attempt N starts attempt N unless the run already
+  started N or a later one (a run that never started has used no attempt; one
+  that ended without starting, killed while pending, has used its first);
+  within an attempt, a heartbeat older than ``last_heartbeat_at`` is ``late``.
+  The canonical runs below are at attempt 1, heartbeat last at T2 once started.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ from ledger.machine import (
     new_run,
     new_sweep,
     reason_of,
+    step,
 )
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -219,6 +225,88 @@ class TestRunTable:
         assert "applied" == effect(run_in(state), RUN_EVENTS[column])
 
 
+START_EVENTS: dict[str, AnyRunEvent] = {
+    "started": run_event(RunStarted),
+    "started@1": run_event(RunStarted, attempt=1),
+    "started@2": run_event(RunStarted, attempt=2),
+    "started@5": run_event(RunStarted, attempt=5),
+}
+
+ATTEMPT_TABLE = """
+              started  started@1  started@2  started@5
+pending       1        1          2          5
+initializing  1        1          2          5
+running       2        stale      2          5
+stopping      2        stale      2          5
+idle          2        stale      2          5
+finished      2        stale      2          5
+failed        2        stale      2          5
+crashed       2        stale      2          5
+killed        2        stale      2          5
+preempted     2        stale      2          5
+"""
+"""Rows: the run's state (attempt 1); columns: a start without or with an attempt; cells: the attempt
+the run is in after it, or ``stale`` (changes nothing)."""
+
+HEARTBEAT_EVENTS: dict[str, AnyRunEvent] = {
+    "older": run_event(RunHeartbeat, at=T1, step=7),
+    "same-instant": run_event(RunHeartbeat, at=T2, step=7),
+    "newer": run_event(RunHeartbeat, at=T4, step=7),
+}
+
+HEARTBEAT_TABLE = """
+              older    same-instant  newer
+pending       applied  applied       applied
+initializing  applied  applied       applied
+running       late     applied       applied
+stopping      late     applied       applied
+idle          late     applied       applied
+finished      late     late          late
+failed        late     late          late
+crashed       late     applied       applied
+killed        late     late          late
+preempted     late     late          late
+"""
+"""Rows: the run's state (pending and initializing have no heartbeat yet, the others last at T2);
+columns: a heartbeat (step 7) at T1, at T2, at T4; cells: its effect."""
+
+ATTEMPT_CELLS = parse_table(ATTEMPT_TABLE)
+HEARTBEAT_CELLS = parse_table(HEARTBEAT_TABLE)
+
+
+class TestAttemptTable:
+    def test_table_covers_every_state(self) -> None:
+        """The attempt table has a row per run state and a column per kind of start."""
+        assert (set(RUN_STATES), set(START_EVENTS)) == ({s for s, _ in ATTEMPT_CELLS}, {c for _, c in ATTEMPT_CELLS})
+
+    @pytest.mark.parametrize(("state", "column", "expected"), cases(ATTEMPT_CELLS, "run"))
+    def test_start(self, state: str, column: str, expected: str) -> None:
+        """A start moves the run to the attempt the contract gives, or is stale and changes nothing."""
+        run = run_in(state)
+        result, after = step(run, START_EVENTS[column])
+        if expected == "stale":
+            assert ("stale", run, run) == (result, after, evolve(run, START_EVENTS[column]))
+        else:
+            assert ("applied", "running", int(expected)) == (result, after.state, after.attempt)
+
+
+class TestHeartbeatTable:
+    def test_table_covers_every_state(self) -> None:
+        """The heartbeat table has a row per run state."""
+        assert set(RUN_STATES) == {state for state, _ in HEARTBEAT_CELLS}
+
+    @pytest.mark.parametrize(("state", "column", "expected"), cases(HEARTBEAT_CELLS, "run"))
+    def test_heartbeat(self, state: str, column: str, expected: str) -> None:
+        """A heartbeat applies, or is late and leaves the run exactly as it was."""
+        run = run_in(state)
+        result, after = step(run, HEARTBEAT_EVENTS[column])
+        assert expected == result
+        if expected == "late":
+            assert (run, run) == (after, evolve(run, HEARTBEAT_EVENTS[column]))
+        else:
+            assert (7, HEARTBEAT_EVENTS[column].at) == (after.step, after.last_heartbeat_at)
+
+
 class TestSweepTable:
     def test_table_covers_every_state_and_event_type(self) -> None:
         """The table has a row per sweep state and a column for every sweep event type."""
@@ -290,10 +378,48 @@ class TestStart:
         after = evolve(run_in("preempted"), RUN_EVENTS["started"])
         assert (T4, None, None, None) == (after.started_at, after.ended_at, after.exit_code, after.signal)
 
-    def test_start_ignores_fencing(self) -> None:
-        """Rule 10: ``run.started`` is never fenced, whatever attempt it carries."""
+    def test_start_with_a_higher_attempt_starts_that_attempt(self) -> None:
+        """Attempts: a start naming attempt 7 on a preempted run of attempt 1 starts attempt 7."""
         after = evolve(run_in("preempted"), run_event(RunStarted, attempt=7))
-        assert ("running", 2) == (after.state, after.attempt)
+        assert ("running", 7) == (after.state, after.attempt)
+
+    def test_start_with_an_attempt_on_a_new_run(self) -> None:
+        """Attempts: a new run's first event, a start of attempt 3, puts it at attempt 3, and its
+        attempt-3 events then apply instead of being fenced as a zombie's."""
+        first = run_event(RunStarted, at=T1, attempt=3)
+        run = evolve(new_run(first), first)
+        beat = run_event(RunHeartbeat, id="ev-2", at=T2, attempt=3, step=5)
+        assert ((3, "running"), "applied") == ((run.attempt, run.state), effect(run, beat))
+        assert 5 == evolve(run, beat).step
+
+    @pytest.mark.parametrize("attempt", [1, 2])
+    def test_start_of_an_attempt_already_started_is_stale(self, attempt: int) -> None:
+        """Attempts: a start naming the run's attempt (2) or an earlier one changes nothing and is stale."""
+        run = run_in("running", attempt=2, step=40)
+        event = run_event(RunStarted, attempt=attempt)
+        assert (run, "stale") == (evolve(run, event), effect(run, event))
+
+    def test_stale_start_does_not_resume_a_finished_run(self) -> None:
+        """Attempts: a late start of the attempt that finished leaves the run finished."""
+        after = evolve(run_in("finished"), run_event(RunStarted, attempt=1))
+        assert ("finished", 1, 0) == (after.state, after.attempt, after.exit_code)
+
+    def test_start_of_a_run_killed_while_pending_needs_a_new_attempt(self) -> None:
+        """Attempts: a run killed before it started has used attempt 1; a start naming 1 is stale."""
+        run = evolve(run_in("pending"), RUN_EVENTS["killed"])
+        assert ("stale", "applied") == (effect(run, run_event(RunStarted, attempt=1)),
+                                        effect(run, run_event(RunStarted, attempt=2)))
+
+    def test_resume_clears_the_last_heartbeat(self) -> None:
+        """Attempts: a new attempt keeps its own heartbeat clock: the previous attempt's last heartbeat goes."""
+        after = evolve(run_in("preempted", last_heartbeat_at=T3), RUN_EVENTS["started"])
+        assert (2, None) == (after.attempt, after.last_heartbeat_at)
+
+    def test_first_start_keeps_the_attempts_heartbeat(self) -> None:
+        """Attempts: the first start of the attempt a heartbeat already revived keeps that heartbeat."""
+        run = evolve(run_in("pending"), run_event(RunHeartbeat, at=T2))
+        after = evolve(run, run_event(RunStarted, id="ev-2", at=T3))
+        assert (1, T2) == (after.attempt, after.last_heartbeat_at)
 
     def test_start_joins_the_given_sweep(self) -> None:
         """A start naming a sweep records it on the run."""
@@ -315,6 +441,28 @@ class TestHeartbeat:
         """Rule 3: a crashed run that heartbeats again is running, with no end time."""
         after = evolve(run_in("crashed"), RUN_EVENTS["heartbeat"])
         assert ("running", T4, None) == (after.state, after.last_heartbeat_at, after.ended_at)
+
+    def test_older_heartbeat_does_not_move_the_run_back(self) -> None:
+        """Attempts: after a heartbeat at step 10, an older one at step 3 changes nothing and is late."""
+        run = evolve(run_in("running"), run_event(RunHeartbeat, at=T4, step=10, progress=0.5))
+        older = run_event(RunHeartbeat, id="ev-2", at=T3, step=3, progress=0.1)
+        assert (run, "late") == (evolve(run, older), effect(run, older))
+        assert (T4, 10, 0.5) == (run.last_heartbeat_at, run.step, run.progress)
+
+    def test_older_heartbeat_does_not_revive_a_crashed_run(self) -> None:
+        """Attempts and rule 9: a heartbeat older than the crashed run's last one is no sign of life."""
+        assert "crashed" == evolve(run_in("crashed"), run_event(RunHeartbeat, at=T1)).state
+
+    def test_new_attempt_heartbeat_older_than_the_previous_attempt_applies(self) -> None:
+        """Attempts: the comparison restarts with each attempt (another host keeps another clock)."""
+        resumed = evolve(run_in("preempted", last_heartbeat_at=T3, step=50), RUN_EVENTS["started"])
+        after = evolve(resumed, run_event(RunHeartbeat, id="ev-2", at=T2, attempt=2, step=20))
+        assert ("running", 2, T2, 20) == (after.state, after.attempt, after.last_heartbeat_at, after.step)
+
+    def test_heartbeat_compares_instants_not_offsets(self) -> None:
+        """Attempts: a heartbeat written with another offset but at a later instant applies."""
+        later = (T2 + timedelta(seconds=1)).astimezone(timezone(timedelta(hours=-5)))
+        assert "applied" == effect(run_in("running"), run_event(RunHeartbeat, at=later, step=8))
 
     @pytest.mark.parametrize("state", sorted(TERMINAL | {"preempted"}))
     def test_late_heartbeat_changes_nothing(self, state: str) -> None:
@@ -437,6 +585,17 @@ class TestCrash:
         event = run_event(RunCrashed, reason="heartbeat-timeout", last_heartbeat_at=same_instant)
         assert "crashed" == evolve(run_in("running"), event).state
 
+    def test_crash_applies_after_an_older_heartbeat(self) -> None:
+        """Rule 9 and Attempts: an older heartbeat between the last one and the crash saves nothing."""
+        run = evolve(run_in("running"), run_event(RunHeartbeat, at=T1))
+        assert "crashed" == evolve(run, run_event(RunCrashed, reason="heartbeat-timeout", last_heartbeat_at=T2)).state
+
+    def test_crash_seeing_no_heartbeat_of_a_resumed_attempt_applies(self) -> None:
+        """Rule 9 and Attempts: a resumed attempt with no heartbeat yet crashes on a crash that saw none."""
+        resumed = evolve(run_in("preempted"), RUN_EVENTS["started"])
+        crash = run_event(RunCrashed, id="ev-2", reason="heartbeat-timeout", attempt=2)
+        assert "crashed" == evolve(resumed, crash).state
+
     def test_crash_then_heartbeat_is_running(self) -> None:
         """Rules 3 and 9: a run wrongly found dead comes back with its next heartbeat."""
         crashed = evolve(run_in("running"), run_event(RunCrashed, reason="heartbeat-timeout", last_heartbeat_at=T2))
@@ -497,3 +656,8 @@ class TestReasonOf:
     def test_reason(self, event: AnyRunEvent | AnySweepEvent, expected: str | None) -> None:
         """A history entry's reason says why: exit code, signal or the stated reason."""
         assert expected == reason_of(event)
+
+    @pytest.mark.parametrize("event", [*RUN_EVENTS.values(), *SWEEP_EVENTS.values()], ids=lambda e: type(e).__name__)
+    def test_every_event_type_has_a_reason_or_none(self, event: AnyRunEvent | AnySweepEvent) -> None:
+        """``reason_of`` answers for every event type (its match is exhaustive)."""
+        assert reason_of(event) is None or isinstance(reason_of(event), str)

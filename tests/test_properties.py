@@ -30,6 +30,7 @@ from ledger.events import (
     RunExited,
     RunHeartbeat,
     RunPreempting,
+    RunQueued,
     RunStarted,
     decode_event,
     encode_event,
@@ -44,7 +45,9 @@ from ledger.machine import (
     effect,
     evolve,
     evolve_sweep,
+    used_attempt,
 )
+from projections.lookups import BatchKeys
 
 ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-"
 EVENT_ID_PATTERN = mi.type_info(RunStarted).fields[0].type.pattern  # type: ignore[attr-defined]
@@ -258,6 +261,147 @@ class TestFold:
         for run_id, run in views.runs.items():
             own = {rec.seq for rec in stream if isinstance(rec.event, RunEvent) and rec.event.run_id == run_id}
             assert (True, True) == (run.seq in own, run.seq >= last_entry[run_id])
+
+
+def views_at_every_point(stream: list[Recorded]) -> list[tuple[Any, ...]]:
+    """The runs, sweeps and history after each event of the stream, folded one by one."""
+    views = Views()
+    points = []
+    for rec in stream:
+        views.apply(rec)
+        points.append((dict(views.runs), dict(views.sweeps), list(views.history)))
+    return points
+
+
+def inserted(stream: list[Recorded], at: int, events: list[AnyEvent]) -> list[Recorded]:
+    """``stream`` (seqs 100, 200, ...) with ``events`` recorded between its ``at``-th and next event."""
+    extra = [Recorded(100 * at + j + 1, EPOCH + timedelta(seconds=100 * at + j + 1), e) for j, e in enumerate(events)]
+    return [*stream[:at], *extra, *stream[at:]]
+
+
+def spaced(events: list[AnyEvent]) -> list[Recorded]:
+    """The events recorded at seqs 100, 200, ... (room to insert events between them)."""
+    return record(events, lambda i: 100 * (i + 1))
+
+
+class TestAttempts:
+    @settings(max_examples=300)
+    @given(events=event_lists, data=st.data())
+    def test_late_heartbeat_changes_no_view(self, events: list[AnyEvent], data: st.DataObject) -> None:
+        """A heartbeat older than the last one applied in the run's attempt changes no view at any point."""
+        stream = spaced(events)
+        at = data.draw(st.integers(0, len(stream)), label="inserted after")
+        before = Views().fold(stream[:at])
+        candidates = [r for r in before.runs.values() if r.last_heartbeat_at is not None]
+        if not candidates:
+            return
+        run = data.draw(st.sampled_from(candidates), label="run")
+        beat = RunHeartbeat(id=f"late-{at}", run_id=run.run_id,
+                            at=run.last_heartbeat_at - data.draw(st.sampled_from([timedelta(microseconds=1),
+                                                                                 timedelta(hours=1)])),
+                            attempt=data.draw(st.sampled_from([None, run.attempt]), label="attempt"),
+                            step=data.draw(st.none() | st.integers(0, 100), label="step"),
+                            progress=data.draw(st.none() | st.floats(0, 1), label="progress"))
+        plain = views_at_every_point(stream)
+        with_late = views_at_every_point(inserted(stream, at, [beat]))
+        assert plain == with_late[:at] + with_late[at + 1:]
+        assert "late" == Views(runs=dict(before.runs)).apply(Recorded(1, EPOCH, beat))
+
+    @settings(max_examples=300)
+    @given(events=event_lists, data=st.data())
+    def test_stale_start_changes_no_view(self, events: list[AnyEvent], data: st.DataObject) -> None:
+        """A start naming an attempt its run already started changes no view at any point, and implies no sweep."""
+        stream = spaced(events)
+        at = data.draw(st.integers(0, len(stream)), label="inserted after")
+        before = Views().fold(stream[:at])
+        candidates = [r for r in before.runs.values() if used_attempt(r) > 0]
+        if not candidates:
+            return
+        run = data.draw(st.sampled_from(candidates), label="run")
+        start = RunStarted(id=f"stale-{at}", run_id=run.run_id, at=data.draw(st.sampled_from(TIMES), label="at"),
+                           attempt=data.draw(st.integers(1, used_attempt(run)), label="attempt"),
+                           sweep_id=data.draw(st.sampled_from([None, "s1", "s-new"]), label="sweep"))
+        plain = views_at_every_point(stream)
+        with_stale = views_at_every_point(inserted(stream, at, [start]))
+        assert plain == with_stale[:at] + with_stale[at + 1:]
+
+    @settings(max_examples=300)
+    @given(events=event_lists, data=st.data())
+    def test_start_with_attempt_then_its_events_apply(self, events: list[AnyEvent], data: st.DataObject) -> None:
+        """After any history, a start naming a new attempt N starts N, and N's heartbeat and exit apply."""
+        views = Views().fold(spaced(events))
+        run_id = data.draw(st.sampled_from(RUN_IDS), label="run")
+        used = used_attempt(views.runs[run_id]) if run_id in views.runs else 0
+        n = used + data.draw(st.integers(1, 3), label="attempts skipped + 1")
+        late = max(t.astimezone(UTC) for t in TIMES) + timedelta(hours=1)
+        steps = [
+            RunStarted(id="n-start", run_id=run_id, at=late, attempt=n),
+            RunHeartbeat(id="n-beat", run_id=run_id, at=late + timedelta(seconds=1), attempt=n, step=9),
+            RunExited(id="n-exit", run_id=run_id, at=late + timedelta(seconds=2), attempt=n, exit_code=0),
+        ]
+        effects = [views.apply(rec) for rec in record(steps, lambda i: 10_000 + i)]
+        run = views.runs[run_id]
+        assert (["applied"] * 3, "finished", n, 9) == (effects, run.state, run.attempt, run.step)
+
+    @settings(max_examples=300)
+    @given(events=event_lists)
+    def test_attempt_never_goes_down_and_heartbeats_never_go_back(self, events: list[AnyEvent]) -> None:
+        """Along any stream a run's attempt never decreases, and within an attempt neither does its last heartbeat."""
+        views = Views()
+        for rec in record(events):
+            before = views.runs.get(getattr(rec.event, "run_id", ""))
+            views.apply(rec)
+            after = views.runs.get(getattr(rec.event, "run_id", ""))
+            if before is not None and after is not None:
+                assert before.attempt <= after.attempt
+                if before.attempt == after.attempt and before.last_heartbeat_at is not None:
+                    assert after.last_heartbeat_at is not None and before.last_heartbeat_at <= after.last_heartbeat_at
+
+
+class TestImpliedSweeps:
+    @settings(max_examples=300)
+    @given(events=event_lists)
+    def test_a_run_never_points_at_an_unknown_sweep(self, events: list[AnyEvent]) -> None:
+        """Every sweep a run names exists in the same views, with a history entry."""
+        views = fold_all(record(events))
+        with_history = {key for kind, key, _ in views.history if kind == "sweep"}
+        named = {run.sweep_id for run in views.runs.values() if run.sweep_id is not None}
+        assert (named, named) == (named & set(views.sweeps), named & with_history)
+
+    @settings(max_examples=300)
+    @given(events=event_lists, cuts=st.lists(st.integers(0, 60), max_size=8))
+    def test_batches_onto_their_keys_fold_like_one_fold(self, events: list[AnyEvent], cuts: list[int]) -> None:
+        """Folding each batch onto only the rows its keys name (as the projector and rebuild load them)
+        equals one fold of the whole stream: a batch never takes a known sweep for a new one."""
+        stream = record(events)
+        bounds = sorted({0, len(stream), *(cut for cut in cuts if cut < len(stream))})
+        runs: dict[str, Run] = {}
+        sweeps: dict[str, Sweep] = {}
+        seen: set[str] = set()
+        history: list[tuple[str, str, Entry]] = []
+        for lo, hi in itertools.pairwise(bounds):
+            keys = BatchKeys.of(stream[lo:hi])
+            views = Views(runs={k: runs[k] for k in keys.run_ids if k in runs},
+                          sweeps={k: sweeps[k] for k in keys.sweep_ids if k in sweeps},
+                          seen=seen & keys.event_ids).fold(stream[lo:hi])
+            runs.update({run_id: views.runs[run_id] for run_id in views.dirty_runs})
+            sweeps.update({sweep_id: views.sweeps[sweep_id] for sweep_id in views.dirty_sweeps})
+            seen.update(event_id for event_id, _ in views.new_ids)
+            history.extend(views.history)
+        assert state(fold_all(stream)) == (runs, sweeps, history)
+
+    @settings(max_examples=200)
+    @given(events=event_lists, data=st.data())
+    def test_first_naming_event_creates_the_sweep(self, events: list[AnyEvent], data: st.DataObject) -> None:
+        """A queued or started event naming a sweep never seen, on a new run, makes it running at its time."""
+        views = Views().fold(record(events))
+        kind = data.draw(st.sampled_from([RunQueued, RunStarted]), label="kind")
+        when = data.draw(st.sampled_from(TIMES), label="at")
+        views.apply(Recorded(999, EPOCH, kind(id="names-it", run_id="r-new", at=when, sweep_id="s-new")))
+        sweep = views.sweeps["s-new"]
+        entry = [e for k, key, e in views.history if (k, key) == ("sweep", "s-new")]
+        assert (("running", when, when, 999), ["running"]) == (
+            (sweep.state, sweep.created_at, sweep.updated_at, sweep.seq), [e.state for e in entry])
 
 
 class TestTotality:
