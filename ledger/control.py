@@ -16,7 +16,7 @@ from nats.js import JetStreamContext
 from ledger import events as ev
 from ledger.errors import CommandRefused, ConcurrencyConflict
 from ledger.ids import new_id
-from ledger.lookup import load_run, load_sweep
+from ledger.lookup import implied_by, implied_sweep, load_run, load_sweep
 from ledger.machine import (
     TERMINAL,
     Run,
@@ -54,6 +54,9 @@ async def change_sweep(js: JetStreamContext, publisher: Publisher, verb: str, sw
     ev.check_entity_id(sweep_id, "sweep id")
     for _ in range(RETRIES):
         sweep, last = await load_sweep(js, sweep_id)
+        if sweep is None and verb != "create":
+            implied = await implied_by(js, sweep_id)  # a sweep a run named exists (CONTRACT section 2)
+            sweep = implied_sweep(sweep_id, implied) if implied is not None else None
         if verb == "create":
             if sweep is not None:
                 raise CommandRefused(f"sweep {sweep_id!r} already exists ({sweep.state})")

@@ -1,16 +1,21 @@
 """Folding one run or sweep straight from the stream (its own subjects only),
-for publishers that must decide before they append."""
+for publishers that must decide before they append; and finding the run event
+that made a sweep exist when the sweep has no event of its own yet."""
 
 from __future__ import annotations
 
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
+import contextlib
+from collections.abc import AsyncGenerator
+from datetime import datetime
+
 from ledger.errors import InvalidEvent, StreamUnavailable
 from ledger.events import decode_event
-from ledger.fold import Recorded, Views
+from ledger.fold import Recorded, Views, naming_sweep
 from ledger.machine import Run, Sweep
-from ledger.stream import STREAM, PullReader
+from ledger.stream import STREAM, PullReader, read_range, recorded_at_of
 
 
 async def last_seq_on(js: JetStreamContext, subject: str) -> int:
@@ -59,3 +64,61 @@ async def load_sweep(js: JetStreamContext, sweep_id: str) -> tuple[Sweep | None,
     """The sweep as its events fold, and the last sequence on its subjects."""
     views, last = await fold_subject(js, f"ledger.sweep.{sweep_id}.>")
     return views.sweeps.get(sweep_id), last
+
+
+async def recorded_on(js: JetStreamContext, subject: str, *, stop_seq: int | None = None,
+                      until: datetime | None = None, stall_timeout: float = 10.0) -> AsyncGenerator[Recorded, None]:
+    """The valid events on ``subject`` up to ``stop_seq`` and recorded up to ``until``, in stream
+    order (quarantined ones change nothing)."""
+    async with contextlib.aclosing(read_range(js, subject=subject, stop_seq=stop_seq,
+                                              stall_timeout=stall_timeout)) as batches:
+        async for batch in batches:
+            for msg in batch:
+                recorded = recorded_at_of(msg)
+                if until is not None and recorded > until:
+                    return
+                try:
+                    event = decode_event(msg.subject, msg.data)
+                except InvalidEvent:
+                    continue
+                yield Recorded(msg.seq, recorded, event)
+
+
+async def _implies(js: JetStreamContext, rec: Recorded, sweep_id: str, stall_timeout: float) -> bool:
+    """Whether this run event, folded after its run's earlier events, is the one that implied the sweep."""
+    views = Views()
+    async with contextlib.aclosing(recorded_on(js, f"ledger.run.{rec.event.run_id}.>",  # type: ignore[union-attr]
+                                               stop_seq=rec.seq - 1, stall_timeout=stall_timeout)) as events:
+        async for earlier in events:
+            views.apply(earlier)
+    views.apply(rec)
+    sweep = views.sweeps.get(sweep_id)
+    return sweep is not None and sweep.seq == rec.seq
+
+
+async def implied_by(js: JetStreamContext, sweep_id: str, *, stop_seq: int | None = None,
+                     until: datetime | None = None, stall_timeout: float = 10.0) -> Recorded | None:
+    """The run event (up to ``stop_seq`` / recorded ``until``) that made the sweep exist, if any.
+
+    CONTRACT section 2: a sweep exists from the first run event that names it
+    (``sweep_id`` of ``run.queued`` / ``run.started``) and applies. Reads the
+    ``run.queued`` and ``run.started`` subjects of every run, so bound it
+    with ``stop_seq`` where the sweep's own first message is known: from
+    there on it exists anyway. A candidate is checked against its run's
+    earlier events (a stale start names the sweep but changes nothing).
+    """
+    found: Recorded | None = None
+    for kind in ("queued", "started"):
+        stop = stop_seq if found is None else min(found.seq - 1, stop_seq if stop_seq is not None else found.seq)
+        async with contextlib.aclosing(recorded_on(js, f"ledger.run.*.{kind}", stop_seq=stop, until=until,
+                                                   stall_timeout=stall_timeout)) as events:
+            async for rec in events:
+                if naming_sweep(rec.event) == sweep_id and await _implies(js, rec, sweep_id, stall_timeout):
+                    found = rec
+                    break
+    return found
+
+
+def implied_sweep(sweep_id: str, rec: Recorded) -> Sweep:
+    """The sweep as the run event ``rec`` made it exist: running, created at the event's time."""
+    return Sweep(sweep_id=sweep_id, created_at=rec.event.at, updated_at=rec.event.at, seq=rec.seq)

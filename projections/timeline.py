@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import AsyncGenerator
 from datetime import datetime
 from typing import Any, Final, Literal
 
@@ -39,7 +38,8 @@ from ledger.events import (
     decode_event,
     tag_of,
 )
-from ledger.fold import Recorded, Views, naming_sweep
+from ledger.fold import Recorded, Views
+from ledger.lookup import implied_by, implied_sweep, recorded_on
 from ledger.machine import ALIVE, TERMINAL, Run, Sweep, new_run
 from ledger.stream import StreamMessage, read_range, recorded_at_of
 
@@ -185,27 +185,10 @@ class AsOf(msgspec.Struct, frozen=True):
     time: datetime | None = None
 
 
-async def _recorded(js: JetStreamContext, subject: str, cut: AsOf,
-                    stall_timeout: float) -> AsyncGenerator[Recorded, None]:
-    """The valid events on ``subject`` at or before the cut, in stream order (quarantined ones change nothing)."""
-    async with contextlib.aclosing(read_range(js, subject=subject, stop_seq=cut.seq,
-                                              stall_timeout=stall_timeout)) as batches:
-        async for batch in batches:
-            for msg in batch:
-                recorded = recorded_at_of(msg)
-                if cut.time is not None and recorded > cut.time:
-                    return
-                try:
-                    event = decode_event(msg.subject, msg.data)
-                except InvalidEvent:
-                    continue  # quarantined: changes nothing
-                yield Recorded(msg.seq, recorded, event)
-
-
-async def _fold_until(js: JetStreamContext, subject: str, cut: AsOf, stall_timeout: float,
-                      views: Views | None = None) -> Views:
-    views = views if views is not None else Views()
-    async with contextlib.aclosing(_recorded(js, subject, cut, stall_timeout)) as events:
+async def _fold_until(js: JetStreamContext, subject: str, cut: AsOf, stall_timeout: float) -> Views:
+    views = Views()
+    async with contextlib.aclosing(recorded_on(js, subject, stop_seq=cut.seq, until=cut.time,
+                                               stall_timeout=stall_timeout)) as events:
         async for rec in events:
             views.apply(rec)
     return views
@@ -217,36 +200,6 @@ async def run_as_of(js: JetStreamContext, run_id: str, cut: AsOf, *, stall_timeo
     return views.runs.get(run_id)
 
 
-async def _implies(js: JetStreamContext, rec: Recorded, sweep_id: str, stall_timeout: float) -> bool:
-    """Whether this run event, folded after its run's earlier events, is the one that implied the sweep."""
-    run_id = rec.event.run_id  # type: ignore[union-attr]
-    views = await _fold_until(js, run_subject(run_id), AsOf(seq=rec.seq - 1), stall_timeout)
-    views.apply(rec)
-    sweep = views.sweeps.get(sweep_id)
-    return sweep is not None and sweep.seq == rec.seq
-
-
-async def implied_by(js: JetStreamContext, sweep_id: str, cut: AsOf, *,
-                     stall_timeout: float = 10.0) -> Recorded | None:
-    """The run event at or before the cut that made the sweep exist (CONTRACT section 2), if any.
-
-    Reads the ``run.queued`` and ``run.started`` subjects of every run up to the
-    cut (pass the sweep's first own message as the cut: after that the sweep
-    exists anyway); a candidate that names the sweep is checked against its
-    run's own earlier events (a stale start names it but changes nothing).
-    """
-    found: Recorded | None = None
-    for kind in ("queued", "started"):
-        stop = cut.seq if found is None else min(found.seq - 1, cut.seq if cut.seq is not None else found.seq)
-        async with contextlib.aclosing(_recorded(js, f"ledger.run.*.{kind}", AsOf(seq=stop, time=cut.time),
-                                                 stall_timeout)) as events:
-            async for rec in events:
-                if naming_sweep(rec.event) == sweep_id and await _implies(js, rec, sweep_id, stall_timeout):
-                    found = rec
-                    break
-    return found
-
-
 async def sweep_as_of(js: JetStreamContext, sweep_id: str, cut: AsOf, *, stall_timeout: float = 10.0) -> Sweep | None:
     """The sweep's own state after the last of its events at or before the cut; None if unknown then.
 
@@ -254,16 +207,15 @@ async def sweep_as_of(js: JetStreamContext, sweep_id: str, cut: AsOf, *, stall_t
     the views have it: ``running``, created at that event's time.
     """
     own: list[Recorded] = []
-    async with contextlib.aclosing(_recorded(js, sweep_subject(sweep_id), cut, stall_timeout)) as events:
+    async with contextlib.aclosing(recorded_on(js, sweep_subject(sweep_id), stop_seq=cut.seq, until=cut.time,
+                                               stall_timeout=stall_timeout)) as events:
         async for rec in events:
             own.append(rec)
-    before_own = AsOf(seq=min(own[0].seq - 1, cut.seq if cut.seq is not None else own[0].seq), time=cut.time) \
-        if own else cut
+    stop = cut.seq if not own else min(own[0].seq - 1, cut.seq if cut.seq is not None else own[0].seq)
     views = Views()
-    implied = await implied_by(js, sweep_id, before_own, stall_timeout=stall_timeout)
+    implied = await implied_by(js, sweep_id, stop_seq=stop, until=cut.time, stall_timeout=stall_timeout)
     if implied is not None:
-        at = implied.event.at
-        views.sweeps[sweep_id] = Sweep(sweep_id=sweep_id, created_at=at, updated_at=at, seq=implied.seq)
+        views.sweeps[sweep_id] = implied_sweep(sweep_id, implied)
     for rec in own:
         views.apply(rec)
     return views.sweeps.get(sweep_id)

@@ -20,16 +20,19 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from ledger import events as ev
+from ledger.control import change_sweep
+from ledger.errors import CommandRefused
 from ledger.events import encode_event, subject_of
+from ledger.lookup import implied_by
 from ledger.publisher import Publisher
 from ledger.server import free_port
-from ledger.stream import STREAM, connect, ensure_stream
+from ledger.stream import STREAM, connect, ensure_stream, stream_last_seq
 from projections import queries
 from projections.compare import verify
 from projections.projector import Projector
 from projections.rebuild import rebuild
 from projections.store import apply_batch, open_db
-from projections.timeline import AsOf, implied_by, sweep_as_of
+from projections.timeline import AsOf, sweep_as_of
 from tests.factory import at, dump_views, exited, heartbeat, preempting, started, sweep
 from tests.jobs import Up, ledger, ledger_run, wait_until
 
@@ -117,6 +120,17 @@ class TestImpliedSweepsThroughTheApi:
         assert ("paused", "2026-11-25T12:00:01Z") == (shown["state"], shown["created_at"])
         assert ["run.started", "sweep.paused"] == [e["event_type"] for e in history]
 
+    async def test_sweep_verbs_act_on_an_implied_sweep(self, api: httpx.AsyncClient, js: JetStreamContext,
+                                                       publisher: Publisher) -> None:
+        """`ledger sweep pause` works on a sweep only a run named; an unnamed sweep is still unknown."""
+        await publisher.publish(started("r1", t=1, sweep_id="s1"))
+        paused, appended = await change_sweep(js, publisher, "pause", "s1")
+        shown = await get_json(api, "/sweeps/s1", min_seq=await stream_last_seq(js))
+        assert (("paused", True), ("paused", "2026-11-25T12:00:01Z")) == (
+            (paused.state, appended), (shown["state"], shown["created_at"]))
+        with pytest.raises(CommandRefused, match="unknown sweep"):
+            await change_sweep(js, publisher, "pause", "s-unnamed")
+
     async def test_as_of_an_implied_sweep(self, api: httpx.AsyncClient, publisher: Publisher) -> None:
         """As of the run event that implied it the sweep is running; just before, it is unknown."""
         await publisher.publish(started("other", t=0))
@@ -135,7 +149,7 @@ class TestImpliedSweepsThroughTheApi:
         await publisher.publish(started("r1", t=0, attempt=2))
         stale = await publisher.publish(started("r1", t=1, attempt=1, sweep_id="s1"))
         real = await publisher.publish(started("r2", t=2, sweep_id="s1"))
-        found = await implied_by(js, "s1", AsOf())
+        found = await implied_by(js, "s1")
         assert (None, real) == (await sweep_as_of(js, "s1", AsOf(seq=stale)), found.seq if found else None)
 
     async def test_known_sweep_is_not_created_again_by_a_later_batch(self, js: JetStreamContext,
