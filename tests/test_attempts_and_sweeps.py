@@ -277,7 +277,8 @@ def cli_json(env: dict[str, str], *args: str) -> Any:
 class TestCli:
     def test_run_into_an_uncreated_sweep(self, up: dict[str, str]) -> None:
         """`ledger run --sweep s1 -- true` without `ledger sweep create`: sweeps show and list have s1,
-        as of the start too, and verify finds the views equal to the stream."""
+        as of the start too, verify finds the views equal to the stream, and `ledger sweep pause s1`
+        pauses it (a new run into it is then refused)."""
         env = up
         proc = ledger_run(["--run-id", "r1", "--sweep", "s1", "--", "true"], env)
         try:
@@ -298,3 +299,7 @@ class TestCli:
         assert 0 == table.returncode and "s1" in table.stdout
         verified = ledger("verify", env=env)
         assert 0 == verified.returncode, verified.stdout + verified.stderr
+        assert "paused" == cli_json(env, "sweep", "pause", "s1")["state"]
+        refused = ledger_run(["--run-id", "r2", "--sweep", "s1", "--", "true"], env)
+        _, err = refused.communicate(timeout=60)
+        assert (1, True) == (refused.returncode, "paused" in err)
