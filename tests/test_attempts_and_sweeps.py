@@ -249,6 +249,25 @@ class TestReplayOfImpliedSweeps:
             asyncio.run(check_replay(nats_url, steps, cuts, Path(work)))
 
 
+GOLDEN = Path(__file__).parent / "golden"
+
+
+class TestGoldenReplay:
+    async def test_golden_events_project_and_replay_to_the_same_views(self, js: JetStreamContext,
+                                                                      tmp_path: Path) -> None:
+        """The committed golden payloads, published in index order, project and rebuild to identical views
+        (their run names golden-sweep_1 before the sweep's own events, so the sweep is implied)."""
+        for name, subject in json.loads((GOLDEN / "index.json").read_text()).items():
+            await js.publish(subject, (GOLDEN / name).read_bytes())
+        live, full = tmp_path / "live.db", tmp_path / "full.db"
+        await Projector(js, live, batch_size=4, idle_poll=0.2).run(until_idle=True)
+        await rebuild(js, full)
+        views = dump_views(live)
+        assert (views, True, []) == (dump_views(full), (await verify(js, live)).equal, views["quarantine"])
+        first = [row for row in views["history"] if row[:2] == ("sweep", "golden-sweep_1")][0]
+        assert ("running", "run.queued") == (first[3], first[7])
+
+
 # --------------------------------------------------------------------------- the CLI
 
 HISTORICAL = str(10 * 365 * 86400)
