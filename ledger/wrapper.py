@@ -2,18 +2,30 @@
 
 The child is spawned behind a gate (a tiny Python that waits on a pipe before it
 ``exec``s CMD), so ``run.started`` carries the child's real pid and a refused
-start never runs CMD. SIGINT, SIGTERM and SIGUSR1 are forwarded to the child
-and recorded; a ``run.killed`` of this run SIGKILLs the child's process group
-at once. The wrapper exits with the child's code (128+N for signal N).
+start never runs CMD. The child leads a process group of its own; SIGINT,
+SIGTERM, SIGHUP and SIGUSR1 are forwarded to that whole group (``killpg``: a
+``torchrun`` worker or a DataLoader process hears a preemption too) and
+recorded as ``run.signalled``; a ``run.killed`` of this run SIGKILLs the group
+at once. When stdin is a terminal and the wrapper holds its foreground, the
+child's group is given the foreground (so a child reading stdin, ``input()``
+or ``breakpoint()``, is not stopped by SIGTTIN) and the wrapper takes it back
+when the child ends (SIGTTOU ignored around ``tcsetpgrp``).
+
+The wrapper exits with the child's code (128+N for signal N), whatever the
+ledger does: once the child has ended, recording its exit and draining the
+spool are bounded, and a failure there is reported on stderr, never turned
+into another exit code. Events the server refused for good are reported on
+stderr as they are set aside.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TextIO
 
 from ledger import events as ev
@@ -24,7 +36,9 @@ from ledger.ids import new_id
 from ledger.spool import owner_of
 from ledger.stream import STREAM
 
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
+EXIT_RECORD_S = 10.0
+"""The longest recording the child's exit may take once it has ended (spooling it, at worst)."""
 GATE = """
 import os, sys
 with os.fdopen(int(sys.argv[1])) as gate:
@@ -60,6 +74,8 @@ class Wrapper:
         self.proc: asyncio.subprocess.Process | None = None
         self.handle: AsyncRunHandle | None = None
         self.killed_by: str | None = None
+        self.terminal: int | None = None
+        """The terminal's fd while the child's group holds its foreground."""
 
     def say(self, message: str) -> None:
         print(f"ledger run: {message}", file=self.stderr, flush=True)
@@ -67,7 +83,7 @@ class Wrapper:
     async def main(self) -> int:
         generated = self.run_id is None
         run_id = self.run_id or new_id()
-        ledger = await AsyncLedger.connect(self.nats_url)
+        ledger = await AsyncLedger.connect(self.nats_url, report=self.say)
         if generated:
             self.say(f"run id {run_id}")
         if not ledger.connected:
@@ -85,6 +101,7 @@ class Wrapper:
             pass_fds=(gate_read,), env=env, process_group=0,
         )
         os.close(gate_read)
+        self._give_terminal(self.proc.pid)
         ledger.outbox.adopt(owner_of(self.proc.pid))
         try:
             self.handle = await ledger.start_run(
@@ -93,6 +110,7 @@ class Wrapper:
         except BaseException:
             os.close(gate_write)  # the gate exits 125 without running CMD
             await self.proc.wait()
+            self._take_terminal()
             await ledger.close(drain=self.drain)
             raise
         await self._watch_kills(ledger, run_id)
@@ -106,19 +124,56 @@ class Wrapper:
         finally:
             for sig in FORWARDED:
                 loop.remove_signal_handler(sig)
+            self._take_terminal()
         exit_code, by_signal = (128 - code, -code) if code < 0 else (code, None)
-        await self.handle.exited(exit_code, by_signal, wait=0)
-        if not await ledger.close(drain=self.drain):
+        await self._finish(ledger, exit_code, by_signal)
+        return exit_code
+
+    async def _finish(self, ledger: AsyncLedger, exit_code: int, by_signal: int | None) -> None:
+        """Record the exit and drain the spool, bounded; a failure is a line on stderr, never an exit code."""
+        assert self.handle is not None
+        try:
+            async with asyncio.timeout(EXIT_RECORD_S):
+                await self.handle.exited(exit_code, by_signal, wait=0)
+        except (LedgerError, TimeoutError) as exc:
+            self.say(f"could not record the exit ({exc or 'timed out'}); the child's code stands")
+        sent = await ledger.close(drain=self.drain)
+        if ledger.outbox.set_aside:
+            self.say(f"{ledger.outbox.set_aside} event(s) refused by the ledger for good are kept aside in "
+                     f"{ledger.spool.path} (listed by `ledger sync`)")
+        if not sent:
             self.say(f"NATS did not take every event in {self.drain:g} s; they wait in {ledger.spool.path} "
                      "(sent when a ledger client runs again, or by `ledger sync`)")
-        return exit_code
+
+    def _give_terminal(self, pgid: int) -> None:
+        """Give the child's group the terminal's foreground, if stdin is one and this process holds it."""
+        try:
+            fd = sys.stdin.fileno()
+            if not os.isatty(fd) or os.tcgetpgrp(fd) != os.getpgrp():
+                return  # no terminal, or the wrapper itself runs in the background: leave it be
+            with _ttou_ignored():
+                os.tcsetpgrp(fd, pgid)
+        except (OSError, ValueError, AttributeError):
+            return
+        self.terminal = fd
+
+    def _take_terminal(self) -> None:
+        """Take the terminal's foreground back for the wrapper's own group."""
+        fd, self.terminal = self.terminal, None
+        if fd is None:
+            return
+        try:
+            with _ttou_ignored():
+                os.tcsetpgrp(fd, os.getpgrp())
+        except OSError:
+            pass  # the terminal is gone (a closed ssh session): nothing to take back
 
     def _forward(self, sig: int) -> None:
         proc, handle = self.proc, self.handle
         if proc is None or proc.returncode is not None:
             return
         try:
-            proc.send_signal(sig)
+            os.killpg(proc.pid, sig)  # the whole group: the child's own workers hear it too
         except ProcessLookupError:
             return
         if handle is not None:
@@ -174,6 +229,16 @@ class Wrapper:
             pass
         reason = getattr(event, "reason", None)
         self.say(f"run killed ({reason or 'no reason given'}): child SIGKILLed")
+
+
+@contextlib.contextmanager
+def _ttou_ignored() -> Iterator[None]:
+    """``tcsetpgrp`` from a background group raises SIGTTOU, which would stop the wrapper."""
+    old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTTOU, old)
 
 
 def run_command(command: Sequence[str], **options: object) -> int:
