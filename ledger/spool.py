@@ -332,23 +332,50 @@ class Outbox:
             if streak >= 2 and 0 < len(self._queue) < LINGER_UNTIL:
                 await asyncio.sleep(LINGER_S)
             self._wake.clear()
-            try:
-                await self._spool_queued()
-                sent_all = await self.send_spooled()
-            except (OSError, aiosqlite.Error, LedgerError) as exc:
-                self._failed(exc)
-                sent_all = False
+            sent_all = await self._round()
             delay = self.retry_after if sent_all else min(delay * 2, RETRY_MAX_S)
             last_round = loop.time()
             if sent_all and not self._queue:
                 self._idle.set()
+
+    async def _round(self) -> bool:
+        """Spool what is queued, then send; True when nothing is left to send.
+
+        When the spool cannot be written, what is queued goes straight to NATS
+        (after the rows already spooled, so the order holds) and stays queued
+        in memory until it is taken. No exception ends the loop.
+        """
+        spool_failed = False
+        try:
+            await self._spool_queued()
+        except Exception as exc:
+            self._failed(exc)
+            spool_failed = True
+        try:
+            sent_all = await self.send_spooled()
+        except Exception as exc:
+            self._failed(exc)
+            sent_all = spool_failed  # an unreadable spool: what it holds cannot go first anyway
+        if spool_failed and sent_all:
+            try:
+                return await self._send_queued()
+            except Exception as exc:
+                self._failed(exc)
+                return False
+        return sent_all
+
+    @property
+    def unspooled(self) -> int:
+        """Events neither spooled nor sent (the spool would not take them): lost if the process ends now."""
+        return len(self._queue)
 
     def _failed(self, exc: BaseException) -> None:
         """Report a failing round once per distinct error (the loop goes on)."""
         self.failed_rounds += 1
         line = f"{type(exc).__name__}: {exc}"
         if line != self.last_error:
-            self.report(f"cannot write or read the spool {self.spool.path}: {line} (will retry)")
+            self.report(f"the spool {self.spool.path} fails ({line}); events go straight to NATS meanwhile, "
+                        "retrying the spool")
         self.last_error = line
 
     async def _spool_queued(self) -> None:
@@ -357,19 +384,51 @@ class Outbox:
         batch = [self._queue.popleft() for _ in range(len(self._queue))]
         try:
             await self.spool.add(self.owner, [row for row, _ in batch], url=self.url)
-        except BaseException as exc:
+        except BaseException:
             self._queue.extendleft(reversed(batch))  # kept in order, tried again next round
-            error = exc if isinstance(exc, LedgerError) else LedgerError(f"cannot write the spool {self.spool.path}: "
-                                                                         f"{exc or type(exc).__name__}")
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(error)
-                    future.exception()  # a waiter may have given up: do not warn about it
             raise
         for _, future in batch:
             if not future.done():
                 future.set_result(None)
         self.last_error = None
+
+    async def _send_queued(self) -> bool:
+        """Send queued events straight to NATS (the spool failed); True when every one was taken."""
+        publisher = self.connection.publisher
+        if publisher is None or not self._queue:
+            return not self._queue
+        batch = list(self._queue)
+        futures: list[asyncio.Future[int] | EventRefused] = []
+        for (subject, payload, msg_id), _ in batch:
+            try:
+                futures.append(await publisher.submit_raw(subject, payload, {"Nats-Msg-Id": msg_id}))
+            except EventRefused as exc:
+                futures.append(exc)
+            except LedgerError:
+                break
+        waiting = [f for f in futures if isinstance(f, asyncio.Future)]
+        if waiting:
+            await asyncio.wait(waiting, timeout=publisher.timeout)
+        for ((subject, payload, msg_id), done), future in zip(batch, futures):
+            refusal = future if isinstance(future, EventRefused) else _refusal(future)
+            if refusal is not None:
+                self.set_aside += 1
+                self.report(f"the ledger refused an event for good (id {msg_id}, {len(payload)} bytes): {refusal}; "
+                            "dropped (the spool could not keep it)")
+            elif not isinstance(future, asyncio.Future) or not future.done() or future.cancelled() \
+                    or future.exception() is not None:
+                break
+            else:
+                self.sent += 1
+            self._queue.popleft()
+            if not done.done():
+                done.set_result(None)
+        late = [f for f in waiting if not f.done()]
+        if late:
+            publisher.forget(late)
+            for future in late:
+                future.cancel()
+        return not self._queue
 
     async def send_spooled(self) -> bool:
         """Send the owners' spooled rows in order; True when none is left to send.

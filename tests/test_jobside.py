@@ -1,0 +1,392 @@
+"""The job side never jams and never lies (issue 14), against a real nats-server: poison events,
+a failing spool, process-group signals, a terminal, the ledger's own clock, read-only verbs, and
+spools meant for another ledger."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiosqlite
+import pytest
+from nats.js import JetStreamContext, api
+
+from ledger import events as ev
+from ledger.client import AsyncLedger
+from ledger.errors import InvalidEvent
+from ledger.events import MAX_EVENT_BYTES
+from ledger.ids import new_id
+from ledger.spool import Spool, owner_of
+from ledger.stream import STREAM
+from ledger.sync_client import Ledger
+from tests.jobs import LEDGER, async_wait_until, job_env, ledger_run, run_events, types, wait_until
+
+PY = sys.executable
+HUGE = "x" * (2 * 1024 * 1024)
+"""A heartbeat message over NATS's max_payload (1 MiB): the issue's poison event."""
+
+
+def dead_owner() -> str:
+    """The spool owner of a process that has ended (as `ledger sync` finds a dead job's rows)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return owner_of(proc.pid)
+
+
+def event_row(event: ev.AnyEvent) -> tuple[str, bytes, str]:
+    return ev.subject_of(event), ev.encode_event(event), event.id
+
+
+def raw_heartbeat(run_id: str, message: str) -> tuple[str, bytes, str]:
+    """A spool row as an older client wrote it, unchecked: a heartbeat of any size."""
+    event = ev.RunHeartbeat(id=new_id(), at=ev_now(), run_id=run_id, attempt=1, message=message)
+    return event_row(event)
+
+
+def ev_now():  # type: ignore[no-untyped-def]
+    from ledger.client import now
+
+    return now()
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, out, err
+
+
+def kill_group(proc: subprocess.Popen[str], ready: Path) -> None:
+    """Leave nothing behind: the wrapper, and the child's process group (its pgid is in ``ready``)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    try:
+        os.killpg(int(ready.read_text()), signal.SIGKILL)
+    except (OSError, ValueError):
+        pass  # gone already, or never started
+
+
+@pytest.fixture
+def spool_path(tmp_path: Path) -> Path:
+    return tmp_path / "spool.db"
+
+
+class TestPutChecks:
+    async def test_oversized_heartbeat_is_refused_at_once(self, js: JetStreamContext, nats_url: str,
+                                                          spool_path: Path) -> None:
+        """A heartbeat larger than the ledger accepts is a one-line InvalidEvent to the caller; nothing is spooled."""
+        client = await AsyncLedger.connect(nats_url, spool=spool_path)
+        try:
+            run = await client.start_run("big", heartbeat=None)
+            with pytest.raises(InvalidEvent, match=f"too large: .* > {MAX_EVENT_BYTES}"):
+                await run.heartbeat(message=HUGE)
+            with pytest.raises(InvalidEvent):
+                await run.heartbeat(progress=3.0)  # out of 0..1: the ledger would only quarantine it
+            assert 0 == await client.spool.count()
+            await run.exited(0)
+        finally:
+            assert await client.close()
+        assert ["run.started", "run.exited"] == types(await run_events(js, "big"))
+
+    def test_sync_client_heartbeat_raises_in_the_caller(self, js: JetStreamContext, nats_url: str,
+                                                        spool_path: Path) -> None:
+        """The synchronous client checks a heartbeat in the calling thread, before it returns."""
+        ledger = Ledger.connect(nats_url, spool=spool_path)
+        try:
+            run = ledger.start_run("big-sync", heartbeat=None)
+            with pytest.raises(InvalidEvent, match="too large"):
+                run.heartbeat(message=HUGE)
+            run.heartbeat(step=1)
+            run.exited(0)
+        finally:
+            assert ledger.close()
+
+
+class TestRefusedForGood:
+    async def test_poison_row_is_set_aside_and_the_exit_behind_it_is_sent(
+            self, js: JetStreamContext, nats_url: str, spool_path: Path) -> None:
+        """A spooled 2 MB heartbeat is set aside (kept, counted, reported); the run.exited behind it is delivered."""
+        lines: list[str] = []
+        client = await AsyncLedger.connect(nats_url, spool=spool_path, report=lines.append)
+        try:
+            run = await client.start_run("poison", heartbeat=None)
+            await client.spool.add(client.outbox.owner, [raw_heartbeat("poison", HUGE)], url=client.url)
+            await run.exited(0, wait=20)
+        finally:
+            drained = await client.close(drain=20)
+        assert drained
+        assert ["run.started", "run.exited"] == types(await run_events(js, "poison"))
+        spool = await Spool(spool_path).open()
+        try:
+            refused = await spool.refused()
+            assert (1, 0) == (len(refused), await spool.count())
+        finally:
+            await spool.close()
+        assert "ledger.run.poison.heartbeat" == refused[0].subject and refused[0].size > 2 * 1024 * 1024
+        assert "MaxPayloadError" in refused[0].reason
+        assert any("refused an event for good" in line for line in lines)
+
+    async def test_stream_limit_is_told_by_err_code(self, js: JetStreamContext, nats_url: str,
+                                                    spool_path: Path) -> None:
+        """A heartbeat over the stream's own max_msg_size is refused by JetStream (10054) and set aside; the exit follows."""
+        info = await js.stream_info(STREAM)
+        config = info.config
+        config.max_msg_size = 8192
+        await js.update_stream(config)
+        lines: list[str] = []
+        client = await AsyncLedger.connect(nats_url, spool=spool_path, report=lines.append)
+        try:
+            run = await client.start_run("limit", heartbeat=None)
+            await run.heartbeat(message="y" * 20_000)  # under the ledger's own limit, over this stream's
+            await run.heartbeat(step=2)
+            await run.exited(0, wait=20)
+        finally:
+            assert await client.close(drain=20)
+        assert ["run.started", "run.heartbeat", "run.exited"] == types(await run_events(js, "limit"))
+        assert 1 == client.outbox.set_aside
+        assert any("(10054)" in line for line in lines)
+
+    async def test_sync_reports_what_it_set_aside(self, js: JetStreamContext, nats_url: str, tmp_path: Path,
+                                                  spool_path: Path) -> None:
+        """`ledger sync` sends a dead job's rows around a poison one, and lists the one it set aside."""
+        spool = await Spool(spool_path).open()
+        started = ev.RunStarted(id=new_id(), at=ev_now(), run_id="dead", attempt=1)
+        exited = ev.RunExited(id=new_id(), at=ev_now(), run_id="dead", attempt=1, exit_code=0)
+        try:
+            await spool.add(dead_owner(), [event_row(started), raw_heartbeat("dead", HUGE), event_row(exited)],
+                            url=nats_url)
+        finally:
+            await spool.close()
+        env = job_env(nats_url, tmp_path)
+        sync = subprocess.run([*LEDGER, "sync", "--json"], env=env, capture_output=True, text=True, timeout=60)
+        assert 0 == sync.returncode, sync.stderr
+        assert {"sent": 2, "left": 0, "set_aside": 1, "elsewhere": 0} == json.loads(sync.stdout)
+        assert "refused an event for good" in sync.stderr
+        assert ["run.started", "run.exited"] == types(await run_events(js, "dead"))
+        again = subprocess.run([*LEDGER, "sync"], env=env, capture_output=True, text=True, timeout=60)
+        assert 0 == again.returncode, again.stderr
+        assert "1 event(s) refused by the ledger for good" in again.stdout
+        assert "ledger.run.dead.heartbeat" in again.stdout
+
+    async def test_ledger_run_reports_a_refused_event_on_stderr(self, js: JetStreamContext, nats_url: str,
+                                                                tmp_path: Path) -> None:
+        """A poison row spooled by the child (an older client) is reported on the job's stderr; the exit still lands."""
+        script = (
+            "import asyncio, os\n"
+            "from ledger.spool import Spool, owner_of\n"
+            "from tests.test_jobside import raw_heartbeat, HUGE\n"
+            "async def main():\n"
+            "    spool = await Spool(os.environ['LEDGER_SPOOL']).open()\n"
+            "    await spool.add(owner_of(os.getpid()), [raw_heartbeat(os.environ['LEDGER_RUN_ID'], HUGE)],\n"
+            "                    url=os.environ['LEDGER_NATS_URL'])\n"
+            "    await spool.close()\n"
+            "asyncio.run(main())\n"
+        )
+        env = job_env(nats_url, tmp_path)
+        env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+        code, _, err = finish(ledger_run(["--run-id", "child-poison", "--drain", "20", "--", PY, "-c", script], env))
+        assert 0 == code, err
+        assert "refused an event for good" in err
+        assert "1 event(s) refused by the ledger for good are kept aside" in err
+        assert ["run.started", "run.exited"] == types(await run_events(js, "child-poison"))
+
+
+class TestFailingSpool:
+    async def test_an_unwritable_spool_neither_stops_the_loop_nor_loses_the_exit(
+            self, js: JetStreamContext, nats_url: str, spool_path: Path) -> None:
+        """With its spool gone read-only mid-run, a job's events go straight to NATS; once writable again, it spools."""
+        lines: list[str] = []
+        client = await AsyncLedger.connect(nats_url, spool=spool_path, report=lines.append)
+        writable = client.spool._db
+        read_only = await aiosqlite.connect(f"file:{spool_path}?mode=ro", uri=True, isolation_level=None)
+        try:
+            run = await client.start_run("ro", heartbeat=None)
+            client.spool._db = read_only  # the file can no longer be written
+            await run.heartbeat(step=1)
+            await run.exited(0, wait=20)
+            assert await client.outbox.drain(20)
+            assert any("fails" in line and "readonly" in line for line in lines)
+            client.spool._db = writable  # the disk is back: the loop still runs and spools again
+            await client.publish(ev.RunHeartbeat(id=new_id(), at=ev_now(), run_id="ro2", attempt=1), wait=20)
+        finally:
+            client.spool._db = writable
+            await read_only.close()
+            assert await client.close(drain=20)
+        assert ["run.started", "run.heartbeat", "run.exited"] == types(await run_events(js, "ro"))
+        assert ["run.heartbeat"] == types(await run_events(js, "ro2"))
+
+    async def test_ledger_run_with_a_full_disk_ends_with_the_childs_code(
+            self, js: JetStreamContext, nats_url: str, tmp_path: Path) -> None:
+        """A spool that cannot grow (file size limit) never hangs `ledger run`: the child's code, and the exit recorded."""
+        release = tmp_path / "release"
+        script = f"import pathlib, time\nwhile not pathlib.Path({str(release)!r}).exists(): time.sleep(0.01)\nraise SystemExit(5)\n"
+
+        def limit_file_size() -> None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (96 * 1024, resource.RLIM_INFINITY))
+
+        env = job_env(nats_url, tmp_path)
+        proc = subprocess.Popen([*LEDGER, "run", "--run-id", "full", "--heartbeat", "0.05", "--drain", "20", "--",
+                                 PY, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, preexec_fn=limit_file_size)
+        try:
+            assert proc.stderr is not None
+            seen = ""
+            deadline = time.monotonic() + 60
+            while "fails" not in seen:
+                assert time.monotonic() < deadline, f"the spool never failed: {seen}"
+                ready, _, _ = select.select([proc.stderr], [], [], 0.5)
+                if ready:
+                    line = proc.stderr.readline()
+                    assert line or proc.poll() is None, f"ledger run ended early: {seen}"
+                    seen += line
+            release.touch()
+            code, _, err = finish(proc)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert 5 == code, seen + err
+        kinds = types(await run_events(js, "full"))
+        assert ("run.started", "run.exited") == (kinds[0], kinds[-1])
+
+
+class TestProcessGroup:
+    async def test_grandchild_hears_sigterm(self, js: JetStreamContext, nats_url: str, tmp_path: Path) -> None:
+        """SIGTERM to `ledger run` reaches a worker the child spawned (the whole group), and is recorded."""
+        ready, got = tmp_path / "ready", tmp_path / "got"
+        worker = (
+            "import os, pathlib, signal, sys\n"
+            f"signal.signal(signal.SIGTERM, lambda s, f: (pathlib.Path({str(got)!r}).touch(), sys.exit(0)))\n"
+            f"pathlib.Path({str(ready)!r}).write_text(str(os.getpgrp()))\n"
+            "while True: signal.pause()\n"
+        )
+        child = f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {worker!r}])\n"
+        proc = ledger_run(["--run-id", "grand", "--", PY, "-c", child], job_env(nats_url, tmp_path))
+        try:
+            wait_until(ready.exists, timeout=60, what="the grandchild to be ready")
+            proc.send_signal(signal.SIGTERM)
+            wait_until(got.exists, timeout=60, what="the grandchild to hear SIGTERM")
+            code, _, err = finish(proc)
+        finally:
+            kill_group(proc, ready)
+        assert code in (0, 143), err  # the child (python) dies of SIGTERM or ends after its worker
+        signalled = [(e.signal, e.name) for e in await run_events(js, "grand") if isinstance(e, ev.RunSignalled)]
+        assert [(signal.SIGTERM, "SIGTERM")] == signalled
+
+    async def test_sighup_is_forwarded_and_recorded(self, js: JetStreamContext, nats_url: str,
+                                                    tmp_path: Path) -> None:
+        """SIGHUP (a closed ssh session) is forwarded like SIGTERM and recorded as run.signalled."""
+        ready, got = tmp_path / "ready", tmp_path / "got"
+        script = (
+            "import os, pathlib, signal, sys\n"
+            f"signal.signal(signal.SIGHUP, lambda s, f: (pathlib.Path({str(got)!r}).touch(), sys.exit(0)))\n"
+            f"pathlib.Path({str(ready)!r}).write_text(str(os.getpgrp()))\n"
+            "while True: signal.pause()\n"
+        )
+        proc = ledger_run(["--run-id", "hup", "--", PY, "-c", script], job_env(nats_url, tmp_path))
+        try:
+            wait_until(ready.exists, timeout=60, what="the child to be ready")
+            proc.send_signal(signal.SIGHUP)
+            code, _, err = finish(proc)
+        finally:
+            kill_group(proc, ready)
+        assert 0 == code, err
+        assert got.exists()
+        events = await run_events(js, "hup")
+        assert [(signal.SIGHUP, "SIGHUP")] == [(e.signal, e.name) for e in events if isinstance(e, ev.RunSignalled)]
+        assert "run.exited" == types(events)[-1]
+
+
+@pytest.fixture
+def terminal() -> Iterator[tuple[int, str]]:
+    """A pseudo-terminal: the master fd, and the slave's path for a new session to open as its terminal."""
+    master, slave = os.openpty()
+    try:
+        yield master, os.ttyname(slave)  # the slave stays open here, so reads of the master never see a hang-up
+    finally:
+        os.close(slave)
+        os.close(master)
+
+
+ON_TERMINAL = """
+import os, sys
+os.setsid()
+fd = os.open(sys.argv[1], os.O_RDWR)  # the first terminal a session leader opens becomes its own
+for n in (0, 1, 2):
+    os.dup2(fd, n)
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
+def read_until(master: int, needle: bytes, timeout: float = 60) -> bytes:
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while needle not in seen:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"timed out waiting for {needle!r} on the terminal; saw {seen!r}")
+        ready, _, _ = select.select([master], [], [], min(left, 0.5))
+        if ready:
+            try:
+                seen += os.read(master, 4096)
+            except OSError:  # the terminal closed: nothing more will come
+                raise AssertionError(f"the terminal closed before {needle!r}; saw {seen!r}") from None
+    return seen
+
+
+class TestTerminal:
+    async def test_child_reading_stdin_is_not_stopped(self, js: JetStreamContext, nats_url: str, tmp_path: Path,
+                                                      terminal: tuple[int, str]) -> None:
+        """Under a terminal the child holds the foreground: it reads its input (no SIGTTIN stop) and the wrapper ends."""
+        master, tty = terminal
+        script = "print(input('name? ')[::-1], flush=True)"
+        proc = subprocess.Popen([PY, "-c", ON_TERMINAL, tty, *LEDGER, "run", "--run-id", "tty", "--", PY, "-c", script],
+                                env=job_env(nats_url, tmp_path), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            read_until(master, b"name? ")
+            os.write(master, b"abc\n")
+            read_until(master, b"cba")
+            assert 0 == proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert ["run.started", "run.exited"] == types(await run_events(js, "tty"))
+
+
+class TestSyncElsewhere:
+    async def test_sync_to_another_url_is_refused(self, js: JetStreamContext, nats_url: str, tmp_path: Path,
+                                                  spool_path: Path) -> None:
+        """Rows spooled for another ledger are not sent to this one unless --any-url says so."""
+        other = "nats://ledger-elsewhere.example:4222"
+        spool = await Spool(spool_path).open()
+        started = ev.RunStarted(id=new_id(), at=ev_now(), run_id="moved", attempt=1)
+        exited = ev.RunExited(id=new_id(), at=ev_now(), run_id="moved", attempt=1, exit_code=0)
+        try:
+            await spool.add(dead_owner(), [event_row(started), event_row(exited)], url=other)
+        finally:
+            await spool.close()
+        env = job_env(nats_url, tmp_path)
+        refused = subprocess.run([*LEDGER, "sync", "--json"], env=env, capture_output=True, text=True, timeout=60)
+        assert 1 == refused.returncode
+        assert f"refused 2 event(s) spooled for {other}, not {nats_url}" in refused.stderr
+        assert {"sent": 0, "left": 2, "set_aside": 0, "elsewhere": 2} == json.loads(refused.stdout)
+        assert [] == await run_events(js, "moved")
+        allowed = subprocess.run([*LEDGER, "sync", "--any-url", "--json"], env=env, capture_output=True, text=True,
+                                 timeout=60)
+        assert 0 == allowed.returncode, allowed.stderr
+        assert {"sent": 2, "left": 0, "set_aside": 0, "elsewhere": 0} == json.loads(allowed.stdout)
+        assert ["run.started", "run.exited"] == types(await run_events(js, "moved"))
