@@ -390,3 +390,104 @@ class TestSyncElsewhere:
         assert 0 == allowed.returncode, allowed.stderr
         assert {"sent": 2, "left": 0, "set_aside": 0, "elsewhere": 0} == json.loads(allowed.stdout)
         assert ["run.started", "run.exited"] == types(await run_events(js, "moved"))
+
+
+def audit_json(run_id: str, env: dict[str, str]) -> dict:  # type: ignore[type-arg]
+    done = subprocess.run([*LEDGER, "audit", run_id, "--json"], env=env, capture_output=True, text=True, timeout=60)
+    assert 0 == done.returncode, done.stderr
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
+class TestLedgerClock:
+    async def test_forged_recorded_at_is_ignored_and_an_imports_is_honoured(
+            self, js: JetStreamContext, nc, nats_url: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+        """A plain publish carrying Ledger-Recorded-At 2001 shows its stream time; an imported message keeps its original time."""
+        from ledger.archive import ExportRecord, encode_record, export_stream, import_stream
+        from ledger.publisher import Publisher
+        from ledger.stream import read_range
+        from projections.store import decode_batch
+
+        forged = ev.RunStarted(id=new_id(), at=ev_now(), run_id="forged", attempt=1)
+        publisher = Publisher(nc)
+        try:
+            future = await publisher.submit_raw(ev.subject_of(forged), ev.encode_event(forged),
+                                                {"Nats-Msg-Id": forged.id,
+                                                 "Ledger-Recorded-At": "2001-01-01T00:00:00Z"})
+            await publisher.wait(future)
+        finally:
+            await publisher.close()
+        old = ev.RunStarted(id=new_id(), at=ev_now(), run_id="old", attempt=1)
+        record = ExportRecord(seq=7, subject=ev.subject_of(old), time="2020-02-02T02:02:02.000000Z",
+                              headers={"Nats-Msg-Id": old.id}, data=ev.encode_event(old).decode())
+        result = await import_stream(nc, [encode_record(record)], append=True)
+        assert 1 == result.imported
+
+        env = job_env(nats_url, tmp_path)
+        [forged_entry] = audit_json("forged", env)["events"]
+        [old_entry] = audit_json("old", env)["events"]
+        assert not forged_entry["recorded_at"].startswith("2001")
+        assert forged_entry["recorded_at"][:4] == str(ev_now().year)
+        assert old_entry["recorded_at"].startswith("2020-02-02T02:02:02")
+
+        msgs = [m for batch in [b async for b in read_range(js)] for m in batch]
+        good, _ = decode_batch(msgs)  # what the projector folds
+        years = {r.event.run_id: r.recorded_at.year for r in good}  # type: ignore[attr-defined]
+        assert {"forged": ev_now().year, "old": 2020} == years
+
+        out = tmp_path / "export.jsonl"
+        with out.open("wb") as f:
+            await export_stream(js, f)
+        times = {json.loads(line)["subject"]: json.loads(line)["time"] for line in out.read_text().splitlines()}
+        assert times["ledger.run.old.started"].startswith("2020-02-02T02:02:02")
+        assert not times["ledger.run.forged.started"].startswith("2001")
+
+
+class TestReadVerbs:
+    async def test_read_verbs_leave_the_stream_config_alone(self, js: JetStreamContext, nats_url: str,
+                                                            tmp_path: Path) -> None:
+        """audit, events tail and events export read the stream with stream_info: an operator's config stays as set."""
+        info = await js.stream_info(STREAM)
+        config = info.config
+        config.max_msg_size = 4096
+        config.description = "kept as the operator set it"
+        await js.update_stream(config)
+        client = await AsyncLedger.connect(nats_url, spool=tmp_path / "spool.db")
+        try:
+            run = await client.start_run("read", heartbeat=None)
+            await run.exited(0)
+        finally:
+            assert await client.close()
+        env = job_env(nats_url, tmp_path)
+        for verb in (["audit", "read"], ["events", "tail", "--last", "5"],
+                     ["events", "export", "-o", str(tmp_path / "out.jsonl")]):
+            done = subprocess.run([*LEDGER, *verb], env=env, capture_output=True, text=True, timeout=60)
+            assert 0 == done.returncode, (verb, done.stderr)
+        after = (await js.stream_info(STREAM)).config
+        assert (4096, "kept as the operator set it") == (after.max_msg_size, after.description)
+
+    async def test_read_verb_on_a_missing_stream_is_one_line_and_creates_nothing(
+            self, js: JetStreamContext, nats_url: str, tmp_path: Path) -> None:
+        """Against a server without the stream a read verb says so in one line and does not create it."""
+        from nats.js.errors import NotFoundError
+
+        await js.delete_stream(STREAM)
+        done = subprocess.run([*LEDGER, "events", "tail"], env=job_env(nats_url, tmp_path), capture_output=True,
+                              text=True, timeout=60)
+        assert 1 == done.returncode
+        assert "stream LEDGER does not exist" in done.stderr
+        assert 1 == len(done.stderr.strip().splitlines())
+        with pytest.raises(NotFoundError):
+            await js.stream_info(STREAM)
+
+    async def test_ensure_stream_keeps_the_import_marks(self, js: JetStreamContext, nc) -> None:  # type: ignore[no-untyped-def]
+        """`ledger up` bringing the stream to its config keeps the import marks in its metadata."""
+        from ledger.archive import record_imported
+        from ledger.stream import IMPORTED_KEY, ensure_stream
+
+        await record_imported(js, [3, 4, 5, 9])
+        config = (await js.stream_info(STREAM)).config
+        config.max_msg_size = 4096
+        await js.update_stream(config)
+        info = await ensure_stream(js)
+        assert "3-5,9" == (info.config.metadata or {}).get(IMPORTED_KEY)
+        assert info.config.max_msg_size == 1024 * 1024
