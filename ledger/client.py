@@ -284,11 +284,7 @@ class AsyncLedger:
                 await task
             except (asyncio.CancelledError, Exception):
                 pass
-        try:
-            async with asyncio.timeout(CLOSE_S):
-                await self.connection.close()
-        except TimeoutError:
-            pass  # a server that does not answer: the socket goes with the process
+        await self.connection.close(CLOSE_S)
         try:
             async with asyncio.timeout(CLOSE_S):
                 await self.spool.close()

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Final
 import aiosqlite
 import msgspec
 
-from ledger.errors import EventRefused, InvalidEvent, LedgerError
+from ledger.errors import EventRefused, LedgerError
 from ledger.events import decode_event
 
 if TYPE_CHECKING:
@@ -194,7 +194,8 @@ class Spool:
 
     async def refused(self, owners: Sequence[str] | None = None) -> list[RefusedRow]:
         """The rows set aside (of these owners, default all), oldest first."""
-        where, args = "refused IS NOT NULL", ()
+        where = "refused IS NOT NULL"
+        args: tuple[str, ...] = ()
         if owners is not None:
             where += f" AND owner IN ({', '.join('?' * len(owners))})"
             args = tuple(owners)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import aiosqlite
 import pytest
-from nats.js import JetStreamContext, api
+from nats.js import JetStreamContext
 
 from ledger import events as ev
 from ledger.client import AsyncLedger
@@ -27,7 +27,7 @@ from ledger.ids import new_id
 from ledger.spool import Spool, owner_of
 from ledger.stream import STREAM
 from ledger.sync_client import Ledger
-from tests.jobs import LEDGER, async_wait_until, job_env, ledger_run, run_events, types, wait_until
+from tests.jobs import LEDGER, job_env, ledger_run, run_events, types, wait_until
 
 PY = sys.executable
 HUGE = "x" * (2 * 1024 * 1024)
@@ -140,7 +140,7 @@ class TestRefusedForGood:
 
     async def test_stream_limit_is_told_by_err_code(self, js: JetStreamContext, nats_url: str,
                                                     spool_path: Path) -> None:
-        """A heartbeat over the stream's own max_msg_size is refused by JetStream (10054) and set aside; the exit follows."""
+        """A heartbeat over the stream's max_msg_size is refused by JetStream (10054), set aside; the exit follows."""
         info = await js.stream_info(STREAM)
         config = info.config
         config.max_msg_size = 8192
@@ -229,9 +229,10 @@ class TestFailingSpool:
 
     async def test_ledger_run_with_a_full_disk_ends_with_the_childs_code(
             self, js: JetStreamContext, nats_url: str, tmp_path: Path) -> None:
-        """A spool that cannot grow (file size limit) never hangs `ledger run`: the child's code, and the exit recorded."""
+        """A spool that cannot grow (file size limit) never hangs `ledger run`: the child's code, the exit recorded."""
         release = tmp_path / "release"
-        script = f"import pathlib, time\nwhile not pathlib.Path({str(release)!r}).exists(): time.sleep(0.01)\nraise SystemExit(5)\n"
+        script = (f"import pathlib, time\nwhile not pathlib.Path({str(release)!r}).exists(): time.sleep(0.01)\n"
+                  "raise SystemExit(5)\n")
 
         def limit_file_size() -> None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (96 * 1024, resource.RLIM_INFINITY))
@@ -349,7 +350,7 @@ def read_until(master: int, needle: bytes, timeout: float = 60) -> bytes:
 class TestTerminal:
     async def test_child_reading_stdin_is_not_stopped(self, js: JetStreamContext, nats_url: str, tmp_path: Path,
                                                       terminal: tuple[int, str]) -> None:
-        """Under a terminal the child holds the foreground: it reads its input (no SIGTTIN stop) and the wrapper ends."""
+        """Under a terminal the child holds the foreground: it reads its input (no SIGTTIN stop); the wrapper ends."""
         master, tty = terminal
         script = "print(input('name? ')[::-1], flush=True)"
         proc = subprocess.Popen([PY, "-c", ON_TERMINAL, tty, *LEDGER, "run", "--run-id", "tty", "--", PY, "-c", script],
@@ -401,7 +402,7 @@ def audit_json(run_id: str, env: dict[str, str]) -> dict:  # type: ignore[type-a
 class TestLedgerClock:
     async def test_forged_recorded_at_is_ignored_and_an_imports_is_honoured(
             self, js: JetStreamContext, nc, nats_url: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-        """A plain publish carrying Ledger-Recorded-At 2001 shows its stream time; an imported message keeps its original time."""
+        """A plain publish with Ledger-Recorded-At 2001 shows its stream time; an imported message keeps its own."""
         from ledger.archive import ExportRecord, encode_record, export_stream, import_stream
         from ledger.publisher import Publisher
         from ledger.stream import read_range

@@ -60,8 +60,10 @@ def run(run_id: str | None, sweep: str | None, resume: str, heartbeat: float, fo
     """Run CMD as a child and publish its lifecycle: ledger run [OPTIONS] -- CMD ...
 
     Publishes run.started (host, pid, command), a heartbeat every --heartbeat
-    seconds, run.signalled for forwarded SIGINT/SIGTERM/SIGUSR1, and run.exited;
-    exits with CMD's code (128+N when signal N ended it). A refused start
+    seconds, run.signalled for SIGINT/SIGTERM/SIGHUP/SIGUSR1 (forwarded to CMD's
+    whole process group), and run.exited; exits with CMD's code (128+N when
+    signal N ended it), whatever the ledger does. Under a terminal CMD gets
+    its foreground (it can read stdin). A refused start
     (resume rules, a live twin, a closed sweep) runs nothing, prints why and
     exits 1. With NATS down the job still runs; its events wait in the spool.
     """
