@@ -492,3 +492,76 @@ class TestReadVerbs:
         info = await ensure_stream(js)
         assert "3-5,9" == (info.config.metadata or {}).get(IMPORTED_KEY)
         assert info.config.max_msg_size == 1024 * 1024
+
+
+READER_CONF = """
+listen: 127.0.0.1:{port}
+jetstream {{ store_dir: "{store}" }}
+accounts {{
+  L: {{
+    jetstream: enabled
+    users: [
+      {{ user: admin, password: admin }}
+      {{ user: reader, password: reader, permissions: {{
+          publish: {{ deny: ["$JS.API.STREAM.UPDATE.>", "$JS.API.STREAM.CREATE.>", "$JS.API.STREAM.DELETE.>",
+                             "$JS.API.STREAM.PURGE.>", "ledger.>"] }}
+      }} }}
+    ]
+  }}
+}}
+"""
+
+
+@pytest.fixture
+def read_only_server(tmp_path: Path) -> Iterator[str]:
+    """A nats-server whose ``reader`` user may read the stream but not create, update or append to it."""
+    from ledger.server import free_port, nats_server_binary
+
+    port = free_port()
+    conf = tmp_path / "nats.conf"
+    conf.write_text(READER_CONF.format(port=port, store=tmp_path / "store"))
+    proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        import socket
+
+        def listening() -> bool:
+            with socket.socket() as sock:
+                return sock.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_until(listening, timeout=30, what="nats-server to listen")
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+class TestReadRole:
+    async def test_read_verbs_work_for_a_role_that_may_not_update_the_stream(
+            self, read_only_server: str, tmp_path: Path) -> None:
+        """With only the rights to read (no update_stream), audit and events tail/export work."""
+        from ledger.publisher import Publisher
+        from ledger.stream import connect, ensure_stream, stream_config
+
+        admin = await connect(f"nats://admin:admin@{read_only_server}")
+        try:
+            info = await ensure_stream(admin.jetstream())
+            info.config.max_msg_size = 4096  # an operator's own limit: a verb that "ensured" it would update it
+            await admin.jetstream().update_stream(info.config)
+            publisher = Publisher(admin)
+            await publisher.publish(ev.RunStarted(id=new_id(), at=ev_now(), run_id="ro-role", attempt=1))
+            await publisher.close()
+        finally:
+            await admin.close()
+        reader_url = f"nats://reader:reader@{read_only_server}"
+        reader = await connect(reader_url)
+        try:
+            with pytest.raises(Exception):  # the role is real: the server refuses it an update
+                await reader.jetstream().update_stream(stream_config(), timeout=2)
+        finally:
+            await reader.close()
+        env = job_env(reader_url, tmp_path)
+        for verb in (["audit", "ro-role"], ["events", "tail"], ["events", "export", "-o", str(tmp_path / "out.jsonl")]):
+            done = subprocess.run([*LEDGER, *verb], env=env, capture_output=True, text=True, timeout=60)
+            assert 0 == done.returncode, (verb, done.stderr)
+        assert "ledger.run.ro-role.started" in (tmp_path / "out.jsonl").read_text()
