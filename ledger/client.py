@@ -277,6 +277,9 @@ class AsyncLedger:
     async def close(self, drain: float = 5.0) -> bool:
         """Send what is spooled (at most ``drain`` s), then stop. False if some is left in the spool."""
         sent = await self.outbox.drain(drain) if drain > 0 else False
+        if self.outbox.unspooled:
+            self.outbox.report(f"{self.outbox.unspooled} event(s) could neither be spooled nor sent and are lost "
+                               f"(the spool: {self.outbox.last_error})")
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -138,9 +138,6 @@ class Wrapper:
         except (LedgerError, TimeoutError) as exc:
             self.say(f"could not record the exit ({exc or 'timed out'}); the child's code stands")
         sent = await ledger.close(drain=self.drain)
-        if ledger.outbox.unspooled:
-            self.say(f"{ledger.outbox.unspooled} event(s) could neither be spooled nor sent and are lost "
-                     f"(the spool: {ledger.outbox.last_error})")
         if ledger.outbox.set_aside:
             self.say(f"{ledger.outbox.set_aside} event(s) refused by the ledger for good are kept aside in "
                      f"{ledger.spool.path} (listed by `ledger sync`)")

@@ -565,3 +565,24 @@ class TestReadRole:
             done = subprocess.run([*LEDGER, *verb], env=env, capture_output=True, text=True, timeout=60)
             assert 0 == done.returncode, (verb, done.stderr)
         assert "ledger.run.ro-role.started" in (tmp_path / "out.jsonl").read_text()
+
+
+class TestOlderSpool:
+    async def test_a_spool_written_before_urls_is_opened_and_synced(self, js: JetStreamContext, nats_url: str,
+                                                                    tmp_path: Path, spool_path: Path) -> None:
+        """A spool file from before rows remembered their url opens, and its rows (url unknown) are sent by sync."""
+        import sqlite3
+
+        started = ev.RunStarted(id=new_id(), at=ev_now(), run_id="legacy", attempt=1)
+        db = sqlite3.connect(spool_path)
+        db.executescript("CREATE TABLE spool (id INTEGER PRIMARY KEY AUTOINCREMENT, owner TEXT NOT NULL, "
+                         "subject TEXT NOT NULL, payload BLOB NOT NULL, msg_id TEXT NOT NULL);")
+        db.execute("INSERT INTO spool (owner, subject, payload, msg_id) VALUES (?, ?, ?, ?)",
+                   (dead_owner(), *event_row(started)))
+        db.commit()
+        db.close()
+        sync = subprocess.run([*LEDGER, "sync", "--json"], env=job_env(nats_url, tmp_path), capture_output=True,
+                              text=True, timeout=60)
+        assert 0 == sync.returncode, sync.stderr
+        assert {"sent": 1, "left": 0, "set_aside": 0, "elsewhere": 0} == json.loads(sync.stdout)
+        assert ["run.started"] == types(await run_events(js, "legacy"))
