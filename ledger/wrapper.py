@@ -21,12 +21,11 @@ stderr as they are set aside.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import sys
-from collections.abc import Iterator, Sequence
-from typing import TextIO
+from collections.abc import Sequence
+from typing import Any, TextIO
 
 from ledger import events as ev
 from ledger.client import AsyncLedger, AsyncRunHandle
@@ -74,8 +73,8 @@ class Wrapper:
         self.proc: asyncio.subprocess.Process | None = None
         self.handle: AsyncRunHandle | None = None
         self.killed_by: str | None = None
-        self.terminal: int | None = None
-        """The terminal's fd while the child's group holds its foreground."""
+        self.terminal: tuple[int, Any] | None = None
+        """While the child's group holds the terminal's foreground: its fd, and SIGTTOU's disposition before."""
 
     def say(self, message: str) -> None:
         print(f"ledger run: {message}", file=self.stderr, flush=True)
@@ -146,27 +145,39 @@ class Wrapper:
                      "(sent when a ledger client runs again, or by `ledger sync`)")
 
     def _give_terminal(self, pgid: int) -> None:
-        """Give the child's group the terminal's foreground, if stdin is one and this process holds it."""
+        """Give the child's group the terminal's foreground, if stdin is one and this process holds it.
+
+        SIGTTOU stays ignored until ``_take_terminal``: the wrapper, now in the
+        background, may still write its lines to the terminal (even under
+        ``stty tostop``) and take the foreground back. The child was spawned
+        before, so it keeps the default disposition.
+        """
         try:
             fd = sys.stdin.fileno()
             if not os.isatty(fd) or os.tcgetpgrp(fd) != os.getpgrp():
                 return  # no terminal, or the wrapper itself runs in the background: leave it be
-            with _ttou_ignored():
-                os.tcsetpgrp(fd, pgid)
         except (OSError, ValueError, AttributeError):
             return
-        self.terminal = fd
+        ttou = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+        try:
+            os.tcsetpgrp(fd, pgid)
+        except OSError:
+            signal.signal(signal.SIGTTOU, ttou)
+            return
+        self.terminal = (fd, ttou)
 
     def _take_terminal(self) -> None:
         """Take the terminal's foreground back for the wrapper's own group."""
-        fd, self.terminal = self.terminal, None
-        if fd is None:
+        held, self.terminal = self.terminal, None
+        if held is None:
             return
+        fd, ttou = held
         try:
-            with _ttou_ignored():
-                os.tcsetpgrp(fd, os.getpgrp())
+            os.tcsetpgrp(fd, os.getpgrp())
         except OSError:
             pass  # the terminal is gone (a closed ssh session): nothing to take back
+        finally:
+            signal.signal(signal.SIGTTOU, ttou)
 
     def _forward(self, sig: int) -> None:
         proc, handle = self.proc, self.handle
@@ -229,16 +240,6 @@ class Wrapper:
             pass
         reason = getattr(event, "reason", None)
         self.say(f"run killed ({reason or 'no reason given'}): child SIGKILLed")
-
-
-@contextlib.contextmanager
-def _ttou_ignored() -> Iterator[None]:
-    """``tcsetpgrp`` from a background group raises SIGTTOU, which would stop the wrapper."""
-    old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTTOU, old)
 
 
 def run_command(command: Sequence[str], **options: object) -> int:

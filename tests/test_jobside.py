@@ -350,16 +350,21 @@ def read_until(master: int, needle: bytes, timeout: float = 60) -> bytes:
 class TestTerminal:
     async def test_child_reading_stdin_is_not_stopped(self, js: JetStreamContext, nats_url: str, tmp_path: Path,
                                                       terminal: tuple[int, str]) -> None:
-        """Under a terminal the child holds the foreground: it reads its input (no SIGTTIN stop); the wrapper ends."""
+        """Under a terminal the child reads its input (not stopped by SIGTTIN); then the shell has the terminal back."""
         master, tty = terminal
         script = "print(input('name? ')[::-1], flush=True)"
-        proc = subprocess.Popen([PY, "-c", ON_TERMINAL, tty, *LEDGER, "run", "--run-id", "tty", "--", PY, "-c", script],
+        run = " ".join([*LEDGER, "run", "--run-id", "tty", "--", PY, "-c", f'"{script}"'])
+        shell = f"{run}; echo wrapper-exit-$?; read after; echo shell-read-$after"  # the shell reads after it
+        proc = subprocess.Popen([PY, "-c", ON_TERMINAL, tty, "sh", "-c", shell],
                                 env=job_env(nats_url, tmp_path), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             read_until(master, b"name? ")
             os.write(master, b"abc\n")
             read_until(master, b"cba")
+            read_until(master, b"wrapper-exit-0")
+            os.write(master, b"xyz\n")
+            read_until(master, b"shell-read-xyz")  # the wrapper gave the foreground back: the shell is not stopped
             assert 0 == proc.wait(60)
         finally:
             if proc.poll() is None:
