@@ -9,7 +9,9 @@ recorded as ``run.signalled``; a ``run.killed`` of this run SIGKILLs the group
 at once. When stdin is a terminal and the wrapper holds its foreground, the
 child's group is given the foreground (so a child reading stdin, ``input()``
 or ``breakpoint()``, is not stopped by SIGTTIN) and the wrapper takes it back
-when the child ends (SIGTTOU ignored around ``tcsetpgrp``).
+when the child ends (SIGTTOU ignored meanwhile). Ctrl-Z stops the child's
+group; the wrapper then takes the terminal back and stops too, so the shell
+regains it, and on ``fg`` hands it to the child again and continues it.
 
 The wrapper exits with the child's code (128+N for signal N), whatever the
 ledger does: once the child has ended, recording its exit and draining the
@@ -118,10 +120,12 @@ class Wrapper:
         loop = asyncio.get_running_loop()
         for sig in FORWARDED:
             loop.add_signal_handler(sig, self._forward, sig)
+        if self.terminal is not None:
+            loop.add_signal_handler(signal.SIGCHLD, self._on_child_stopped)
         try:
             code = await self.proc.wait()
         finally:
-            for sig in FORWARDED:
+            for sig in (*FORWARDED, signal.SIGCHLD):
                 loop.remove_signal_handler(sig)
             self._take_terminal()
         exit_code, by_signal = (128 - code, -code) if code < 0 else (code, None)
@@ -178,6 +182,32 @@ class Wrapper:
             pass  # the terminal is gone (a closed ssh session): nothing to take back
         finally:
             signal.signal(signal.SIGTTOU, ttou)
+
+    def _on_child_stopped(self) -> None:
+        """Ctrl-Z under a terminal stops the child's group (it holds the foreground): stop with it, as a shell's
+        job would, so the shell gets the terminal back; when continued (``fg``), hand the terminal to the
+        child again and continue it (after ``bg``, continue it in the background)."""
+        proc, held = self.proc, self.terminal
+        if proc is None or proc.returncode is not None or held is None:
+            return
+        try:
+            stopped = os.waitid(os.P_PID, proc.pid, os.WSTOPPED | os.WNOHANG)  # a stop only: never reaps
+        except ChildProcessError:
+            return
+        if stopped is None:
+            return
+        fd = held[0]
+        try:
+            os.tcsetpgrp(fd, os.getpgrp())  # SIGTTOU is ignored while the child holds the terminal
+        except OSError:
+            pass
+        os.kill(os.getpid(), signal.SIGSTOP)  # SIGSTOP: SIGTSTP would be discarded in an orphaned group
+        try:  # continued
+            if os.tcgetpgrp(fd) == os.getpgrp():
+                os.tcsetpgrp(fd, proc.pid)
+            os.killpg(proc.pid, signal.SIGCONT)
+        except OSError:
+            pass
 
     def _forward(self, sig: int) -> None:
         proc, handle = self.proc, self.handle

@@ -373,6 +373,39 @@ class TestTerminal:
         assert ["run.started", "run.exited"] == types(await run_events(js, "tty"))
 
 
+    async def test_ctrl_z_stops_the_job_and_fg_resumes_it(self, js: JetStreamContext, nats_url: str, tmp_path: Path,
+                                                          terminal: tuple[int, str]) -> None:
+        """Ctrl-Z stops the child and the wrapper with it (the terminal goes back); continued, the child reads on."""
+        master, tty = terminal
+        script = "print(input('name? ')[::-1], flush=True)"
+        proc = subprocess.Popen([PY, "-c", ON_TERMINAL, tty, *LEDGER, "run", "--run-id", "ctrlz", "--", PY, "-c",
+                                 script], env=job_env(nats_url, tmp_path), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            read_until(master, b"name? ")
+            os.write(master, b"\x1a")  # Ctrl-Z: the terminal sends SIGTSTP to its foreground group
+            wait_until(lambda: process_state(proc.pid) == "T" and os.tcgetpgrp(master) == proc.pid, timeout=60,
+                       what="the wrapper to stop and hold the terminal again")
+            os.kill(proc.pid, signal.SIGCONT)  # what `fg` does, the terminal being the wrapper's already
+            wait_until(lambda: os.tcgetpgrp(master) != proc.pid, timeout=60, what="the child to get the terminal")
+            os.write(master, b"abc\n")
+            read_until(master, b"cba")
+            assert 0 == proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert ["run.started", "run.exited"] == types(await run_events(js, "ctrlz"))
+
+
+def process_state(pid: int) -> str:
+    """The state letter of a process (R, S, T for stopped...), from /proc."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "?"
+
+
 class TestSyncElsewhere:
     async def test_sync_to_another_url_is_refused(self, js: JetStreamContext, nats_url: str, tmp_path: Path,
                                                   spool_path: Path) -> None:
