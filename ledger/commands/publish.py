@@ -88,7 +88,7 @@ def sync(nats_url: str | None, spool_path: str | None, everything: bool, any_url
 
     Only rows spooled for this NATS url are sent (a row from an older spool,
     whose url is unknown, too); rows meant for another ledger are refused
-    with a line each url unless --any-url. Events the server refused for good
+    with one line per url unless --any-url. Events the server refused for good
     are kept aside in the spool and listed. Exits 1 when rows for another url
     were left unsent.
     """
