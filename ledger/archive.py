@@ -6,7 +6,9 @@
 ``data`` is the payload byte for byte when it is UTF-8, else ``data_b64``
 holds it in base64: quarantined payloads are data too and round-trip.
 ``time`` is when the ledger recorded the message: its stream time, or the
-original one for a message that was itself imported.
+original one for a message that was itself imported (one whose sequence the
+stream's metadata marks as imported: see ``ledger.stream.ImportedSeqs``; a
+``Ledger-Recorded-At`` header on any other message is ignored).
 
 Import appends the lines to a stream in order and is resumable and
 idempotent by position, not by event id: each imported message carries
@@ -20,6 +22,11 @@ than two minutes apart there) would be dropped and shift every sequence
 after it. Position costs one read however large the stream, and makes an
 import into an empty stream an exact copy: the same sequences, payloads and
 recorded times, so replaying it gives identical views.
+
+The import marks the sequences it wrote in the stream's config metadata
+(``record_imported``: every ``MARK_EVERY`` messages, and when it ends, even
+on an error), with ``update_stream``, which needs the admin right an import
+needs anyway. Only those messages' ``Ledger-Recorded-At`` is honoured.
 
 So ``Nats-Msg-Id`` is sent only the first time an event id occurs in an
 import (a small Bloom filter remembers them; a false positive only drops the
@@ -48,11 +55,15 @@ from ledger.errors import LedgerError, StreamUnavailable
 from ledger.publisher import MSG_ID, Publisher
 from ledger.stream import (
     IMPORT_SEQ_HEADER,
+    IMPORTED_KEY,
     RECORDED_AT_HEADER,
     STREAM,
+    ImportedSeqs,
     StreamMessage,
+    check_stream,
     ensure_stream,
     last_seq_on,
+    note_stream,
     read_range,
     recorded_at_of,
 )
@@ -90,14 +101,14 @@ def rfc3339(value: datetime) -> str:
     return text if len(text) == 27 else f"{text[:-1]}.000000Z"
 
 
-def record_of(msg: StreamMessage) -> ExportRecord:
+def record_of(msg: StreamMessage, imported: ImportedSeqs | None = None) -> ExportRecord:
     data = bytes(msg.data)
     try:
         text: str | None = data.decode()
         b64 = None
     except UnicodeDecodeError:
         text, b64 = None, base64.b64encode(data).decode()
-    return ExportRecord(seq=msg.seq, subject=msg.subject, time=rfc3339(recorded_at_of(msg)),
+    return ExportRecord(seq=msg.seq, subject=msg.subject, time=rfc3339(recorded_at_of(msg, imported)),
                         headers=dict(msg.headers) if msg.headers else None, data=text, data_b64=b64)
 
 
@@ -125,9 +136,10 @@ async def export_stream(js: JetStreamContext, out: IO[bytes], *, since_seq: int 
                         on_progress: Progress | None = None) -> ExportResult:
     """Write every message from ``since_seq`` to ``until_seq`` (default: the last one now) as JSON lines."""
     result = ExportResult()
+    imported = ImportedSeqs.of(await check_stream(js))
     async with contextlib.aclosing(read_range(js, start_seq=since_seq, stop_seq=until_seq)) as batches:
         async for batch in batches:
-            out.write(b"".join(encode_record(record_of(m)) for m in batch))
+            out.write(b"".join(encode_record(record_of(m, imported)) for m in batch))
             result.messages += len(batch)
             result.first_seq = result.first_seq or batch[0].seq
             result.last_seq = batch[-1].seq
@@ -190,6 +202,21 @@ class ImportResult:
     stream_last_seq: int = 0
 
 
+MARK_EVERY: Final = 10_000
+"""Messages an import writes between two updates of the stream's import marks."""
+
+
+async def record_imported(js: JetStreamContext, seqs: list[int], name: str = STREAM) -> None:
+    """Add ``seqs`` to the stream's import marks (its config metadata; ``update_stream``, an admin right)."""
+    if not seqs:
+        return
+    info = await js.stream_info(name)
+    config = info.config
+    marks = ImportedSeqs.of(info).with_seqs(seqs)
+    config.metadata = {**(config.metadata or {}), IMPORTED_KEY: str(marks)}
+    note_stream(await js.update_stream(config))
+
+
 LOOK_BACK: Final = 1000
 """Messages ``--append`` looks back through for the last imported one (others may have been appended since)."""
 
@@ -232,9 +259,13 @@ async def import_stream(nc: NATS, lines: Iterable[bytes], *, append: bool = Fals
     last_seq = 0
     last_ack = 0
     checked = result.resumed_after == 0
+    written: list[int] = []
 
     async def settle(keep: int) -> None:
         nonlocal last_ack
+        if len(written) >= MARK_EVERY:
+            await record_imported(js, written)
+            written.clear()
         while len(in_flight) > keep:
             export_seq, future = in_flight.popleft()
             try:
@@ -246,6 +277,7 @@ async def import_stream(nc: NATS, lines: Iterable[bytes], *, append: bool = Fals
                 result.duplicates += 1
             else:
                 last_ack = seq
+                written.append(seq)
                 result.imported += 1
             result.stream_last_seq = max(result.stream_last_seq, seq)
 
@@ -277,6 +309,12 @@ async def import_stream(nc: NATS, lines: Iterable[bytes], *, append: bool = Fals
             in_flight.append((record.seq, future))
             await settle(window)
         await settle(0)
+    except BaseException:
+        with contextlib.suppress(Exception):  # stopped halfway: what was written is marked all the same
+            await record_imported(js, written)
+        raise
+    else:
+        await record_imported(js, written)
     finally:
         for _, future in in_flight:
             future.cancel()

@@ -8,6 +8,10 @@ its own lifecycle.
 Events go through the durable spool (``ledger.spool``): publishing never
 blocks the job, and NATS being down costs nothing but delay. Starts are
 checked against the resume table atomically, with an expected-sequence append.
+
+An event the ledger would refuse (too large, invalid) is InvalidEvent at
+once and is never spooled; every wait is bounded (``publish(wait=...)``,
+``close(drain=...)``), whatever the spool or NATS does.
 """
 
 from __future__ import annotations
@@ -24,16 +28,18 @@ from typing import Any
 from ledger import events as ev
 from ledger.connection import Connection
 from ledger.decide import decide_queue, decide_start
-from ledger.errors import ConcurrencyConflict, StreamUnavailable
+from ledger.errors import ConcurrencyConflict, LedgerError, StreamUnavailable
 from ledger.events import ResumeMode, check_entity_id
 from ledger.ids import new_id
 from ledger.lookup import load_run, load_sweep
-from ledger.spool import HOST, Outbox, Spool, owner_of
+from ledger.spool import HOST, Outbox, Report, Spool, check_spoolable, owner_of, report_to_stderr
 from ledger.stream import DEFAULT_NATS_URL
 
 DEFAULT_HEARTBEAT_S = 30.0
 DEFAULT_FRESH_WITHIN_S = 300.0
 START_RETRIES = 8
+CLOSE_S = 5.0
+"""The longest closing the NATS connection may take (a dead server must not hold a job)."""
 
 
 def now() -> datetime:
@@ -61,12 +67,26 @@ class AsyncRunHandle:
     def _event(self, kind: type[ev.RunEvent], **fields: Any) -> ev.AnyRunEvent:
         return kind(id=new_id(), at=now(), run_id=self.run_id, attempt=self.attempt, **fields)  # type: ignore[return-value]
 
+    def heartbeat_event(self, step: int | None = None, progress: float | None = None,
+                        message: str | None = None) -> ev.AnyRunEvent:
+        """A heartbeat of this attempt, checked: InvalidEvent (one line) if the ledger would refuse it."""
+        event = self._event(ev.RunHeartbeat, step=step, progress=progress, message=message)
+        check_spoolable(ev.subject_of(event), ev.encode_event(event))
+        return event
+
+    async def publish_event(self, event: ev.AnyRunEvent) -> None:
+        """Publish an event built by this handle (``heartbeat_event``); never blocks."""
+        await self._publish(event, wait=None)
+
     async def _publish(self, event: ev.AnyRunEvent, *, wait: float | None) -> None:
         await self.ledger.publish(event, wait=wait)
 
     async def heartbeat(self, step: int | None = None, progress: float | None = None,
                         message: str | None = None) -> None:
-        """Say the run is alive, optionally with its step and progress (0..1). Never blocks."""
+        """Say the run is alive, optionally with its step and progress (0..1). Never blocks.
+
+        InvalidEvent (nothing spooled) for a heartbeat the ledger would refuse (a huge message).
+        """
         await self._publish(self._event(ev.RunHeartbeat, step=step, progress=progress, message=message), wait=None)
 
     async def mark_preempting(self, *, wait: float = 5.0) -> None:
@@ -114,21 +134,23 @@ class AsyncRunHandle:
 class AsyncLedger:
     """A job-side connection to the ledger: the spool, its outbox, and NATS when it is there."""
 
-    def __init__(self, url: str, spool: Spool, *, owner: str | None = None) -> None:
+    def __init__(self, url: str, spool: Spool, *, owner: str | None = None, report: Report = report_to_stderr) -> None:
         self.url = url
         self.spool = spool
         self.connection = Connection(url)
-        self.outbox = Outbox(spool, owner or owner_of(os.getpid()), self.connection)
+        self.outbox = Outbox(spool, owner or owner_of(os.getpid()), self.connection, report=report)
         self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod
     async def connect(cls, url: str | None = None, *, spool: str | os.PathLike[str] | None = None,
-                      timeout: float = 2.0) -> AsyncLedger:
+                      timeout: float = 2.0, report: Report = report_to_stderr) -> AsyncLedger:
         """Open the spool and try NATS (``url``, else ``$LEDGER_NATS_URL``, else the local default).
 
         NATS being unreachable is not an error: events wait in the spool.
+        ``report`` gets one line per event the server refused for good and per
+        failing spool write (default: stderr).
         """
-        ledger = cls(resolve_url(url), await Spool(spool).open())
+        ledger = cls(resolve_url(url), await Spool(spool).open(), report=report)
         ledger.connection.on_connect(ledger._on_connect)
         await ledger.connection.try_connect(timeout)
         loop = asyncio.get_running_loop()
@@ -145,11 +167,23 @@ class AsyncLedger:
         return self.connection.publisher is not None
 
     async def publish(self, event: ev.AnyEvent, *, wait: float | None = None) -> None:
-        """Spool the event and send it in order; with ``wait``, wait until sent (bounded)."""
+        """Spool the event and send it in order; with ``wait``, wait until sent (at most ``wait`` s).
+
+        InvalidEvent at once (nothing spooled) for an event the ledger would
+        refuse; with ``wait``, a LedgerError if the spool could not be written
+        in that time (the event stays queued and is tried again).
+        """
         durable = self.outbox.put(ev.subject_of(event), ev.encode_event(event), event.id)
-        if wait is not None:
-            await durable
-            await self.outbox.drain(wait)
+        if wait is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(wait, 0.0)
+        try:
+            async with asyncio.timeout(max(wait, 0.0) + 5.0):  # spooling gets its own few seconds, even with wait=0
+                await durable
+        except TimeoutError as exc:
+            raise LedgerError(f"the spool {self.spool.path} took no event for {wait + 5.0:g} s") from exc
+        await self.outbox.drain(max(deadline - loop.time(), 0.0))
 
     async def start_run(self, run_id: str | None = None, *, sweep: str | None = None, resume: ResumeMode = "never",
                         force: bool = False, heartbeat: float | None = DEFAULT_HEARTBEAT_S,
@@ -243,6 +277,9 @@ class AsyncLedger:
     async def close(self, drain: float = 5.0) -> bool:
         """Send what is spooled (at most ``drain`` s), then stop. False if some is left in the spool."""
         sent = await self.outbox.drain(drain) if drain > 0 else False
+        if self.outbox.unspooled:
+            self.outbox.report(f"{self.outbox.unspooled} event(s) could neither be spooled nor sent and are lost "
+                               f"(the spool: {self.outbox.last_error})")
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -250,8 +287,12 @@ class AsyncLedger:
                 await task
             except (asyncio.CancelledError, Exception):
                 pass
-        await self.connection.close()
-        await self.spool.close()
+        await self.connection.close(CLOSE_S)
+        try:
+            async with asyncio.timeout(CLOSE_S):
+                await self.spool.close()
+        except Exception:
+            pass  # a spool whose disk went away: what it holds is durable already
         return sent
 
     async def __aenter__(self) -> AsyncLedger:

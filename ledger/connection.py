@@ -65,10 +65,12 @@ class Connection:
         while not await self.try_connect():
             await asyncio.sleep(self.retry_every)
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = 5.0) -> None:
+        """Close the connection, waiting at most ``timeout`` s (a server that does not answer holds no job)."""
         nc, self.nc, self._publisher = self.nc, None, None
         if nc is not None and not nc.is_closed:
             try:
-                await nc.close()
+                async with asyncio.timeout(timeout):
+                    await nc.close()
             except Exception:  # closing a connection to a dead server: nothing to save
                 pass

@@ -3,6 +3,7 @@
     LedgerError
     ├── InvalidEvent          bad input: not JSON, wrong field, unsafe id, subject mismatch
     ├── StreamUnavailable     NATS/JetStream cannot be reached or refused the request
+    ├── EventRefused          the server refused one event for good (too large, invalid): retrying cannot help
     ├── ConcurrencyConflict   an expected-sequence append lost a race (JetStream 10071)
     ├── ResumeRefused         a start broke the resume table of CONTRACT section 2
     ├── CommandRefused        a sweep or run command that makes no sense in the current state
@@ -28,6 +29,14 @@ class InvalidEvent(LedgerError):
 
 class StreamUnavailable(LedgerError):
     """NATS or JetStream could not be reached or refused the request."""
+
+
+class EventRefused(LedgerError):
+    """The server refused this one event for good (too large, invalid); sending it again cannot help.
+
+    Told apart from a transient failure by JetStream's ``err_code`` or nats-py's
+    error class, never by message text.
+    """
 
 
 class ConcurrencyConflict(LedgerError):

@@ -3,7 +3,10 @@
 Every publish carries ``Nats-Msg-Id`` (the event id), so JetStream drops a
 retried duplicate within its window and answers with the original sequence.
 Appends guarded by an expected subject sequence map JetStream's 10071 to
-ConcurrencyConflict.
+ConcurrencyConflict. A refusal that no retry can mend (a message too large
+for the stream or the server, a header too large: JetStream ``err_code`` or
+nats-py's error class, never the message text) is EventRefused; every other
+failure is StreamUnavailable, which a retry may mend.
 """
 
 from __future__ import annotations
@@ -12,13 +15,21 @@ import asyncio
 from typing import Final
 
 import msgspec
+from nats import errors as nats_errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from ledger.errors import ConcurrencyConflict, InvalidEvent, StreamUnavailable
+from ledger.errors import ConcurrencyConflict, EventRefused, InvalidEvent, StreamUnavailable
 from ledger.events import AnyEvent, decode_event, encode_event, subject_of
 
 WRONG_LAST_SEQUENCE: Final = 10071
+REFUSED_FOR_GOOD: Final = frozenset({
+    10054,  # JSStreamMessageExceedsMaximumErr: larger than the stream's max_msg_size
+    10097,  # JSStreamHeaderExceedsMaximumErr: headers over 64 KiB
+})
+"""JetStream ``err_code``s of a publish that no retry can mend."""
+REFUSED_CLASSES: Final = (nats_errors.MaxPayloadError, nats_errors.BadSubjectError, nats_errors.BadHeaderError)
+"""nats-py errors of a publish that no retry can mend (raised before anything is sent)."""
 MSG_ID: Final = "Nats-Msg-Id"
 EXPECTED_LAST_SUBJECT_SEQ: Final = "Nats-Expected-Last-Subject-Sequence"
 EXPECTED_LAST_SUBJECT_SEQ_SUBJECT: Final = "Nats-Expected-Last-Subject-Sequence-Subject"
@@ -83,13 +94,19 @@ class Publisher:
             err = ack.error
             if err.err_code == WRONG_LAST_SEQUENCE:
                 future.set_exception(ConcurrencyConflict(err.description))
+            elif err.err_code in REFUSED_FOR_GOOD:
+                future.set_exception(EventRefused(f"JetStream refused the event: {err.description} ({err.err_code})"))
             else:
                 future.set_exception(StreamUnavailable(f"JetStream refused the publish: {err.description} ({err.err_code})"))
             return
         future.set_result(ack.seq)
 
     async def submit_raw(self, subject: str, payload: bytes, headers: dict[str, str]) -> asyncio.Future[int]:
-        """Send one message now; the future resolves to its stream sequence."""
+        """Send one message now; the future resolves to its stream sequence.
+
+        EventRefused when nats-py refuses to send it at all (larger than the
+        server's max_payload, a bad subject or header).
+        """
         await self._ensure_inbox()
         while len(self._futures) >= self.max_in_flight:
             self._room.clear()
@@ -100,6 +117,10 @@ class Publisher:
         self._futures[token] = future
         try:
             await self.nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
+        except REFUSED_CLASSES as exc:
+            self._futures.pop(token, None)
+            raise EventRefused(f"NATS refuses to send it ({type(exc).__name__}: "
+                               f"{len(payload)} bytes, max_payload {self.nc.max_payload})") from exc
         except Exception as exc:
             self._futures.pop(token, None)
             raise StreamUnavailable(f"cannot publish to NATS: {exc or type(exc).__name__}") from exc
@@ -118,8 +139,15 @@ class Publisher:
             async with asyncio.timeout(self.timeout):
                 return await future
         except TimeoutError as exc:
-            self._futures = {k: f for k, f in self._futures.items() if f is not future}
+            self.forget([future])
             raise StreamUnavailable(f"no publish ack within {self.timeout:.0f} s") from exc
+
+    def forget(self, futures: list[asyncio.Future[int]]) -> None:
+        """Stop waiting for these publishes' acks (given up on): they no longer hold a place in flight."""
+        gone = {id(f) for f in futures}
+        self._futures = {k: f for k, f in self._futures.items() if id(f) not in gone}
+        if len(self._futures) < self.max_in_flight:
+            self._room.set()
 
     async def publish(self, event: AnyEvent, *, expect_last_subject_seq: int | None = None,
                       expect_subject: str | None = None) -> int:

@@ -1,5 +1,8 @@
-"""The NATS/JetStream adapter: connecting, provisioning the ``LEDGER`` stream,
-and reading it in order from a sequence.
+"""The NATS/JetStream adapter: connecting, provisioning the ``LEDGER`` stream
+(``ensure_stream``, for ``ledger up`` and admin verbs) or only checking it
+(``check_stream``, for read verbs: ``stream_info``, never ``update_stream``),
+and reading it in order from a sequence. ``ImportedSeqs`` says which messages
+an import wrote: the only ones whose ``Ledger-Recorded-At`` is honoured.
 
 Library errors are translated here into the ledger's error tree.
 """
@@ -7,6 +10,7 @@ Library errors are translated here into the ledger's error tree.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import time
 from collections import deque
@@ -77,13 +81,43 @@ def stream_config(name: str = STREAM) -> api.StreamConfig:
 
 
 async def ensure_stream(js: JetStreamContext, name: str = STREAM) -> api.StreamInfo:
-    """Create the stream, or bring an existing one to the expected config. Idempotent."""
+    """Create the stream, or bring an existing one to the expected config. Idempotent.
+
+    For ``ledger up``, the projector and admin verbs only (it needs the right
+    to create and update the stream); read verbs use ``check_stream``. An
+    existing stream whose config already matches is left alone, and its
+    metadata (the import marks, the server's own keys) is always kept.
+    """
     config = stream_config(name)
     try:
-        await js.stream_info(name)
+        info = await js.stream_info(name)
     except NotFoundError:
-        return await js.add_stream(config)
-    return await js.update_stream(config)
+        return note_stream(await js.add_stream(config))
+    have = info.config
+    if all(getattr(have, field) == getattr(config, field) for field in _MANAGED):
+        return note_stream(info)
+    for field in _MANAGED:
+        setattr(have, field, getattr(config, field))
+    return note_stream(await js.update_stream(have))
+
+
+_MANAGED: Final = ("subjects", "storage", "retention", "discard", "duplicate_window", "max_msg_size", "allow_direct")
+"""The fields of the stream's config ``ensure_stream`` sets; the rest (metadata among them) is left as it is."""
+
+
+async def check_stream(js: JetStreamContext, name: str = STREAM) -> api.StreamInfo:
+    """The stream's info, for read verbs: never creates or changes it (``stream_info`` only).
+
+    A stream that does not exist is StreamUnavailable, in one line.
+    """
+    try:
+        info = await js.stream_info(name)
+    except NotFoundError as exc:
+        raise StreamUnavailable(f"stream {name} does not exist on this NATS server: nothing was ever recorded "
+                                "there (start `ledger up` against it first)") from exc
+    except Exception as exc:
+        raise StreamUnavailable(f"cannot read stream {name}: {exc or type(exc).__name__}") from exc
+    return note_stream(info)
 
 
 async def stream_last_seq(js: JetStreamContext, name: str = STREAM) -> int:
@@ -366,17 +400,112 @@ class PullReader:
 # --------------------------------------------------------------------------- bounded reads (audit, replay, export)
 
 RECORDED_AT_HEADER: Final = "Ledger-Recorded-At"
-"""Set by ``ledger events import``: when the ledger first recorded the message (its original stream time)."""
+"""Set by ``ledger events import``: when the ledger first recorded the message (its original stream time).
+Honoured only on the sequences the stream's metadata marks as imported (``ImportedSeqs``)."""
 IMPORT_SEQ_HEADER: Final = "Ledger-Import-Seq"
 """Set by ``ledger events import``: the message's sequence in the export it came from (the resume position)."""
+IMPORTED_KEY: Final = "ledger_imported"
+"""The key, in the stream config's ``metadata``, of the sequences ``ledger events import`` wrote."""
 
 
-def recorded_at_of(msg: StreamMessage) -> datetime:
-    """When the ledger recorded ``msg``: its original stream time if it was imported, else the stream's."""
+class ImportedSeqs:
+    """The stream sequences written by ``ledger events import``, as sorted, disjoint ranges.
+
+    The ledger's clock is its own (contract section 1): the time a message was
+    recorded is its stream time, and a ``Ledger-Recorded-At`` header is
+    honoured only on a message an import wrote. Any publisher can set a
+    header, so the header alone proves nothing; the mark is kept where an
+    ordinary publisher cannot write: the stream's own config ``metadata``
+    (``ledger_imported``: ``"1-5000,5003-9000"``), changed only by
+    ``update_stream``, an admin right. The import records the sequences its
+    publishes were acknowledged at (as it goes, and when it ends), and readers
+    honour the header only for those. A forged header on any other message
+    (or on a message published while an import runs, which the import's acks
+    never name) is ignored: that message shows its stream time.
+
+    Readers learn the marks from ``check_stream`` / ``ensure_stream`` (which
+    every reading verb and ``ledger up`` call first) or pass them explicitly.
+    A projector already running when an import wrote keeps the marks it read
+    at its start, so it folds those messages at their stream time, the time
+    this ledger recorded them; ``ledger replay`` rebuilds with the import's.
+    """
+
+    __slots__ = ("ranges",)
+
+    def __init__(self, ranges: list[tuple[int, int]] | None = None) -> None:
+        self.ranges = _merged(ranges or [])
+
+    @classmethod
+    def parse(cls, text: str | None) -> ImportedSeqs:
+        """Read the metadata value; anything unreadable marks nothing (the header is then never honoured)."""
+        ranges: list[tuple[int, int]] = []
+        for part in (text or "").split(","):
+            lo, _, hi = part.strip().partition("-")
+            if lo.isdigit() and (hi or lo).isdigit():
+                ranges.append((int(lo), int(hi or lo)))
+        return cls(ranges)
+
+    @classmethod
+    def of(cls, info: api.StreamInfo) -> ImportedSeqs:
+        return cls.parse((info.config.metadata or {}).get(IMPORTED_KEY))
+
+    def with_seqs(self, seqs: list[int]) -> ImportedSeqs:
+        """These marks and ``seqs``."""
+        return ImportedSeqs(self.ranges + [(seq, seq) for seq in seqs])
+
+    def __contains__(self, seq: object) -> bool:
+        if not isinstance(seq, int):
+            return False
+        at = bisect.bisect_right(self.ranges, (seq, _MAX_SEQ)) - 1
+        return at >= 0 and self.ranges[at][0] <= seq <= self.ranges[at][1]
+
+    def __str__(self) -> str:
+        return ",".join(f"{lo}-{hi}" if hi != lo else str(lo) for lo, hi in self.ranges)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ImportedSeqs) and self.ranges == other.ranges
+
+    def __bool__(self) -> bool:
+        return bool(self.ranges)
+
+
+_MAX_SEQ: Final = 1 << 64
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+_known_imports: dict[str, ImportedSeqs] = {}
+"""The import marks of each stream, as this process last read them (``note_stream``)."""
+
+
+def note_stream(info: api.StreamInfo) -> api.StreamInfo:
+    """Remember the stream's import marks from its info (every stream check and ensure does)."""
+    _known_imports[info.config.name or STREAM] = ImportedSeqs.of(info)
+    return info
+
+
+def recorded_at_of(msg: StreamMessage, imported: ImportedSeqs | None = None) -> datetime:
+    """When the ledger recorded ``msg``: its stream time, or its original one if an import wrote it.
+
+    ``imported``: the stream's import marks (default: those of ``LEDGER`` this
+    process last read). A ``Ledger-Recorded-At`` header on any other message
+    is ignored: an ordinary publisher cannot backdate the ledger's clock.
+    """
     headers = msg.headers
     if headers:
         original = headers.get(RECORDED_AT_HEADER)
         if original:
+            marks = imported if imported is not None else _known_imports.get(STREAM)
+            if marks is None or msg.seq not in marks:
+                return msg.recorded_at
             try:
                 value = datetime.fromisoformat(original)
             except ValueError:

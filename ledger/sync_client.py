@@ -1,6 +1,7 @@
 """The synchronous Python client: the same concepts as ``AsyncLedger``, for
 ordinary (non-async) training scripts. An event loop runs in a daemon thread;
-``heartbeat`` returns at once, the rest waits a bounded time.
+``heartbeat`` returns at once (checked first: a heartbeat the ledger would
+refuse is InvalidEvent in the caller), the rest waits a bounded time.
 
     ledger = Ledger.connect()
     with ledger.run("train-42", sweep="s1", resume="allow") as run:
@@ -51,8 +52,12 @@ class RunHandle:
         return self._handle.sweep_id
 
     def heartbeat(self, step: int | None = None, progress: float | None = None, message: str | None = None) -> None:
-        """Say the run is alive (with step/progress). Returns at once; never blocks the job."""
-        self._ledger._fire(self._handle.heartbeat(step=step, progress=progress, message=message))
+        """Say the run is alive (with step/progress). Returns at once; never blocks the job.
+
+        InvalidEvent (one line, nothing spooled) for a heartbeat the ledger would refuse.
+        """
+        event = self._handle.heartbeat_event(step=step, progress=progress, message=message)
+        self._ledger._fire(self._handle.publish_event(event))
 
     def mark_preempting(self, wait: float = 5.0) -> None:
         """Mark this attempt as preempting; waits until sent (at most ``wait`` s) or spooled."""

@@ -2,9 +2,22 @@
 
 The child is spawned behind a gate (a tiny Python that waits on a pipe before it
 ``exec``s CMD), so ``run.started`` carries the child's real pid and a refused
-start never runs CMD. SIGINT, SIGTERM and SIGUSR1 are forwarded to the child
-and recorded; a ``run.killed`` of this run SIGKILLs the child's process group
-at once. The wrapper exits with the child's code (128+N for signal N).
+start never runs CMD. The child leads a process group of its own; SIGINT,
+SIGTERM, SIGHUP and SIGUSR1 are forwarded to that whole group (``killpg``: a
+``torchrun`` worker or a DataLoader process hears a preemption too) and
+recorded as ``run.signalled``; a ``run.killed`` of this run SIGKILLs the group
+at once. When stdin is a terminal and the wrapper holds its foreground, the
+child's group is given the foreground (so a child reading stdin, ``input()``
+or ``breakpoint()``, is not stopped by SIGTTIN) and the wrapper takes it back
+when the child ends (SIGTTOU ignored meanwhile). Ctrl-Z stops the child's
+group; the wrapper then takes the terminal back and stops too, so the shell
+regains it, and on ``fg`` hands it to the child again and continues it.
+
+The wrapper exits with the child's code (128+N for signal N), whatever the
+ledger does: once the child has ended, recording its exit and draining the
+spool are bounded, and a failure there is reported on stderr, never turned
+into another exit code. Events the server refused for good are reported on
+stderr as they are set aside.
 """
 
 from __future__ import annotations
@@ -14,7 +27,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
 from ledger import events as ev
 from ledger.client import AsyncLedger, AsyncRunHandle
@@ -24,7 +37,9 @@ from ledger.ids import new_id
 from ledger.spool import owner_of
 from ledger.stream import STREAM
 
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
+EXIT_RECORD_S = 10.0
+"""The longest recording the child's exit may take once it has ended (spooling it, at worst)."""
 GATE = """
 import os, sys
 with os.fdopen(int(sys.argv[1])) as gate:
@@ -60,6 +75,8 @@ class Wrapper:
         self.proc: asyncio.subprocess.Process | None = None
         self.handle: AsyncRunHandle | None = None
         self.killed_by: str | None = None
+        self.terminal: tuple[int, Any] | None = None
+        """While the child's group holds the terminal's foreground: its fd, and SIGTTOU's disposition before."""
 
     def say(self, message: str) -> None:
         print(f"ledger run: {message}", file=self.stderr, flush=True)
@@ -67,7 +84,7 @@ class Wrapper:
     async def main(self) -> int:
         generated = self.run_id is None
         run_id = self.run_id or new_id()
-        ledger = await AsyncLedger.connect(self.nats_url)
+        ledger = await AsyncLedger.connect(self.nats_url, report=self.say)
         if generated:
             self.say(f"run id {run_id}")
         if not ledger.connected:
@@ -85,6 +102,7 @@ class Wrapper:
             pass_fds=(gate_read,), env=env, process_group=0,
         )
         os.close(gate_read)
+        self._give_terminal(self.proc.pid)
         ledger.outbox.adopt(owner_of(self.proc.pid))
         try:
             self.handle = await ledger.start_run(
@@ -93,6 +111,7 @@ class Wrapper:
         except BaseException:
             os.close(gate_write)  # the gate exits 125 without running CMD
             await self.proc.wait()
+            self._take_terminal()
             await ledger.close(drain=self.drain)
             raise
         await self._watch_kills(ledger, run_id)
@@ -101,24 +120,101 @@ class Wrapper:
         loop = asyncio.get_running_loop()
         for sig in FORWARDED:
             loop.add_signal_handler(sig, self._forward, sig)
+        if self.terminal is not None:
+            loop.add_signal_handler(signal.SIGCHLD, self._on_child_stopped)
         try:
             code = await self.proc.wait()
         finally:
-            for sig in FORWARDED:
+            for sig in (*FORWARDED, signal.SIGCHLD):
                 loop.remove_signal_handler(sig)
+            self._take_terminal()
         exit_code, by_signal = (128 - code, -code) if code < 0 else (code, None)
-        await self.handle.exited(exit_code, by_signal, wait=0)
-        if not await ledger.close(drain=self.drain):
+        await self._finish(ledger, exit_code, by_signal)
+        return exit_code
+
+    async def _finish(self, ledger: AsyncLedger, exit_code: int, by_signal: int | None) -> None:
+        """Record the exit and drain the spool, bounded; a failure is a line on stderr, never an exit code."""
+        assert self.handle is not None
+        try:
+            async with asyncio.timeout(EXIT_RECORD_S):
+                await self.handle.exited(exit_code, by_signal, wait=0)
+        except (LedgerError, TimeoutError) as exc:
+            self.say(f"could not record the exit ({exc or 'timed out'}); the child's code stands")
+        sent = await ledger.close(drain=self.drain)
+        if ledger.outbox.set_aside:
+            self.say(f"{ledger.outbox.set_aside} event(s) refused by the ledger for good are kept aside in "
+                     f"{ledger.spool.path} (listed by `ledger sync`)")
+        if not sent:
             self.say(f"NATS did not take every event in {self.drain:g} s; they wait in {ledger.spool.path} "
                      "(sent when a ledger client runs again, or by `ledger sync`)")
-        return exit_code
+
+    def _give_terminal(self, pgid: int) -> None:
+        """Give the child's group the terminal's foreground, if stdin is one and this process holds it.
+
+        SIGTTOU stays ignored until ``_take_terminal``: the wrapper, now in the
+        background, may still write its lines to the terminal (even under
+        ``stty tostop``) and take the foreground back. The child was spawned
+        before, so it keeps the default disposition.
+        """
+        try:
+            fd = sys.stdin.fileno()
+            if not os.isatty(fd) or os.tcgetpgrp(fd) != os.getpgrp():
+                return  # no terminal, or the wrapper itself runs in the background: leave it be
+        except (OSError, ValueError, AttributeError):
+            return
+        ttou = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+        try:
+            os.tcsetpgrp(fd, pgid)
+        except OSError:
+            signal.signal(signal.SIGTTOU, ttou)
+            return
+        self.terminal = (fd, ttou)
+
+    def _take_terminal(self) -> None:
+        """Take the terminal's foreground back for the wrapper's own group."""
+        held, self.terminal = self.terminal, None
+        if held is None:
+            return
+        fd, ttou = held
+        try:
+            os.tcsetpgrp(fd, os.getpgrp())
+        except OSError:
+            pass  # the terminal is gone (a closed ssh session): nothing to take back
+        finally:
+            signal.signal(signal.SIGTTOU, ttou)
+
+    def _on_child_stopped(self) -> None:
+        """Ctrl-Z under a terminal stops the child's group (it holds the foreground): stop with it, as a shell's
+        job would, so the shell gets the terminal back; when continued (``fg``), hand the terminal to the
+        child again and continue it (after ``bg``, continue it in the background)."""
+        proc, held = self.proc, self.terminal
+        if proc is None or proc.returncode is not None or held is None:
+            return
+        try:
+            stopped = os.waitid(os.P_PID, proc.pid, os.WSTOPPED | os.WNOHANG)  # a stop only: never reaps
+        except ChildProcessError:
+            return
+        if stopped is None:
+            return
+        fd = held[0]
+        try:
+            os.tcsetpgrp(fd, os.getpgrp())  # SIGTTOU is ignored while the child holds the terminal
+        except OSError:
+            pass
+        os.kill(os.getpid(), signal.SIGSTOP)  # SIGSTOP: SIGTSTP would be discarded in an orphaned group
+        try:  # continued
+            if os.tcgetpgrp(fd) == os.getpgrp():
+                os.tcsetpgrp(fd, proc.pid)
+            os.killpg(proc.pid, signal.SIGCONT)
+        except OSError:
+            pass
 
     def _forward(self, sig: int) -> None:
         proc, handle = self.proc, self.handle
         if proc is None or proc.returncode is not None:
             return
         try:
-            proc.send_signal(sig)
+            os.killpg(proc.pid, sig)  # the whole group: the child's own workers hear it too
         except ProcessLookupError:
             return
         if handle is not None:

@@ -131,14 +131,14 @@ class TestWrapperWithoutNats:
         await server.start()
         sync = subprocess.run([*LEDGER, "sync", "--json"], env=env, capture_output=True, text=True, timeout=60)
         assert 0 == sync.returncode, sync.stderr
-        assert {"sent": left, "left": 0} == json.loads(sync.stdout)
+        assert {"sent": left, "left": 0, "set_aside": 0, "elsewhere": 0} == json.loads(sync.stdout)
         events = await server.events("w1")
         assert_no_duplicates(events)
         kinds = types(events)
         assert ("run.started", "run.exited") == (kinds[0], kinds[-1])
         assert {"run.heartbeat"} == set(kinds[1:-1])
         again = subprocess.run([*LEDGER, "sync", "--json"], env=env, capture_output=True, text=True, timeout=60)
-        assert {"sent": 0, "left": 0} == json.loads(again.stdout)
+        assert {"sent": 0, "left": 0, "set_aside": 0, "elsewhere": 0} == json.loads(again.stdout)
 
     def test_down_at_start_job_still_runs(self, tmp_path: Path) -> None:
         """With no NATS at all the job runs, exits with its own code, and its events stay spooled."""

@@ -35,12 +35,12 @@ def _to_builtins(value: Any) -> Any:
 
 
 async def _with_stream(nats_url: str | None, work: Any) -> Any:
-    from ledger.stream import connect, ensure_stream
+    from ledger.stream import check_stream, connect
 
     nc = await connect(nats_url_or_default(nats_url))
     try:
         js = nc.jetstream()
-        await ensure_stream(js)
+        await check_stream(js)  # read only: never update_stream
         return await work(js)
     finally:
         await nc.close()

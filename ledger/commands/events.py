@@ -80,7 +80,7 @@ def tail(run_id: str | None, sweep_id: str | None, last: int, since_seq: int | N
     stream itself, not the views. With --json each line is one JSON object,
     in the format of ``ledger events export`` (so the output can be imported).
     """
-    from ledger.stream import connect, ensure_stream, last_seq_on, read_range
+    from ledger.stream import check_stream, connect, last_seq_on, read_range
 
     subject = _subject(run_id, sweep_id)
 
@@ -88,7 +88,7 @@ def tail(run_id: str | None, sweep_id: str | None, last: int, since_seq: int | N
         nc = await connect(nats_url_or_default(nats_url))
         try:
             js = nc.jetstream()
-            end = int((await ensure_stream(js)).state.last_seq)
+            end = int((await check_stream(js)).state.last_seq)
             if since_seq is not None:
                 start = since_seq
             elif subject == "ledger.>":
@@ -143,13 +143,13 @@ def export(since_seq: int, until_seq: int | None, output: str, nats_url: str | N
     """
     from ledger.archive import export_bounds, export_stream
     from ledger.commands.progress import progress_bar
-    from ledger.stream import connect, ensure_stream
+    from ledger.stream import check_stream, connect
 
     async def go() -> dict[str, Any]:
         nc = await connect(nats_url_or_default(nats_url))
         try:
             js = nc.jetstream()
-            await ensure_stream(js)
+            await check_stream(js)
             first, end = await export_bounds(js, since_seq, until_seq)
             out, tmp = _open_output(output)
             try:

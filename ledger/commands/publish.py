@@ -60,8 +60,10 @@ def run(run_id: str | None, sweep: str | None, resume: str, heartbeat: float, fo
     """Run CMD as a child and publish its lifecycle: ledger run [OPTIONS] -- CMD ...
 
     Publishes run.started (host, pid, command), a heartbeat every --heartbeat
-    seconds, run.signalled for forwarded SIGINT/SIGTERM/SIGUSR1, and run.exited;
-    exits with CMD's code (128+N when signal N ended it). A refused start
+    seconds, run.signalled for SIGINT/SIGTERM/SIGHUP/SIGUSR1 (forwarded to CMD's
+    whole process group), and run.exited; exits with CMD's code (128+N when
+    signal N ended it), whatever the ledger does. Under a terminal CMD gets
+    its foreground (it can read stdin). A refused start
     (resume rules, a live twin, a closed sweep) runs nothing, prints why and
     exits 1. With NATS down the job still runs; its events wait in the spool.
     """
@@ -78,34 +80,60 @@ def run(run_id: str | None, sweep: str | None, resume: str, heartbeat: float, fo
 @nats_url_option
 @click.option("--spool", "spool_path", default=None, type=click.Path(), help="Spool file  [env LEDGER_SPOOL]")
 @click.option("--all", "everything", is_flag=True, help="Also send rows of processes that still run.")
+@click.option("--any-url", is_flag=True,
+              help="Also send rows spooled for another NATS url to this one (refused by default).")
 @json_option
-def sync(nats_url: str | None, spool_path: str | None, everything: bool, as_json: bool) -> None:
-    """Send the events a dead job left in the local spool, in order."""
+def sync(nats_url: str | None, spool_path: str | None, everything: bool, any_url: bool, as_json: bool) -> None:
+    """Send the events a dead job left in the local spool, in order.
+
+    Only rows spooled for this NATS url are sent (a row from an older spool,
+    whose url is unknown, too); rows meant for another ledger are refused
+    with one line per url unless --any-url. Events the server refused for good
+    are kept aside in the spool and listed. Exits 1 when rows for another url
+    were left unsent.
+    """
     from ledger.connection import Connection
     from ledger.errors import StreamUnavailable
-    from ledger.spool import Outbox, Spool, owner_alive
+    from ledger.spool import Outbox, RefusedRow, Spool, owner_alive
 
-    async def go() -> tuple[int, int]:
+    target = nats_url_or_default(nats_url)
+    lines: list[str] = []
+
+    async def go() -> tuple[int, int, list[RefusedRow], dict[str, int]]:
         spool = await Spool(spool_path).open()
         try:
             owners = [o for o in await spool.owners() if everything or not owner_alive(o)]
-            if not owners:
-                return 0, await spool.count()
-            connection = Connection(nats_url_or_default(nats_url))
-            if not await connection.try_connect():
-                raise StreamUnavailable(connection.error or "cannot connect to NATS")
-            outbox = Outbox(spool, owners[0], connection, also=owners[1:])
-            try:
-                if not await outbox.send_spooled():
-                    raise StreamUnavailable(f"NATS did not take every spooled event ({outbox.sent} sent)")
-            finally:
-                await connection.close()
-            return outbox.sent, await spool.count()
+            elsewhere = {} if any_url or not owners else {
+                url: n for url, n in (await spool.urls(owners)).items() if url not in ("", target)}
+            sent = 0
+            if owners and (any_url or set(await spool.urls(owners)) - set(elsewhere)):
+                connection = Connection(target)
+                if not await connection.try_connect():
+                    raise StreamUnavailable(connection.error or "cannot connect to NATS")
+                outbox = Outbox(spool, owners[0], connection, also=owners[1:], any_url=any_url, report=lines.append)
+                try:
+                    if not await outbox.send_spooled():
+                        raise StreamUnavailable(f"NATS did not take every spooled event ({outbox.sent} sent)")
+                finally:
+                    await connection.close()
+                sent = outbox.sent
+            return sent, await spool.count(), await spool.refused(), elsewhere
         finally:
             await spool.close()
 
-    sent, left = asyncio.run(go())
+    sent, left, refused, elsewhere = asyncio.run(go())
+    for line in lines:
+        print(f"ledger sync: {line}", file=sys.stderr)
+    for url, n in sorted(elsewhere.items()):
+        print(f"ledger sync: refused {n} event(s) spooled for {url}, not {target}: sync with --nats-url {url} "
+              "(or --any-url to send them here)", file=sys.stderr)
     if as_json:
-        print(json.dumps({"sent": sent, "left": left}))
+        print(json.dumps({"sent": sent, "left": left, "set_aside": len(refused), "elsewhere": sum(elsewhere.values())}))
     else:
-        print(f"sent {sent} spooled events; {left} left (of processes still running)")
+        print(f"sent {sent} spooled events; {left} left (of processes still running, or meant for another url)")
+        if refused:
+            print(f"{len(refused)} event(s) refused by the ledger for good, kept aside in the spool:")
+            for row in refused:
+                print(f"  {row.subject} id {row.msg_id} ({row.size} bytes): {row.reason}")
+    if elsewhere:
+        sys.exit(1)
