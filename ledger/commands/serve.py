@@ -40,7 +40,10 @@ def up(data_dir: Path, nats_url: str | None, nats_port: int, http: str, heartbea
         sys.stdout.flush()
 
     settings = UpSettings(data_dir, nats_url, nats_port, http, heartbeat_timeout)
-    asyncio.run(run_up(settings, ready))
+    try:
+        asyncio.run(run_up(settings, ready))
+    except KeyboardInterrupt:  # a Ctrl-C before the signal handlers were in place: nothing had started
+        pass
     if not as_json:
         console.print("ledger stopped")
 
