@@ -75,6 +75,9 @@ class EmbeddedNats:
         return self.store_dir / "nats-server.log"
 
     def _spawn(self) -> subprocess.Popen[bytes]:
+        old = self.process
+        if old is not None and old.poll() is not None and old.stderr:
+            old.stderr.close()  # a server that died (killed from outside): started again in its place
         self.store_dir.mkdir(parents=True, exist_ok=True)
         cmd = [
             nats_server_binary(), "-js", "-a", self.host, "-p", str(self.port),
