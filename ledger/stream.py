@@ -30,8 +30,12 @@ DEFAULT_NATS_URL: Final = "nats://127.0.0.1:4222"
 
 
 async def connect(url: str, *, name: str = "run-ledger", reconnect: bool = True, timeout: float = 2.0,
-                  reconnected_cb: Callable[[], Awaitable[None]] | None = None) -> NATS:
-    """Connect to NATS; a server that cannot be reached is StreamUnavailable."""
+                  reconnected_cb: Callable[[], Awaitable[None]] | None = None,
+                  disconnected_cb: Callable[[], Awaitable[None]] | None = None) -> NATS:
+    """Connect to NATS; a server that cannot be reached is StreamUnavailable.
+
+    Once connected it reconnects forever; ``disconnected_cb`` and ``reconnected_cb`` hear of each loss and return.
+    """
     try:
         nc = await nats.connect(
             url,
@@ -41,7 +45,7 @@ async def connect(url: str, *, name: str = "run-ledger", reconnect: bool = True,
             max_reconnect_attempts=1,  # a first connect gives up after two quick tries (nats-py
             reconnect_time_wait=0.01,  # would otherwise retry it 60 times, or forever with -1)
             error_cb=_quiet,
-            disconnected_cb=_quiet_cb,
+            disconnected_cb=disconnected_cb or _quiet_cb,
             reconnected_cb=reconnected_cb or _quiet_cb,
             closed_cb=_quiet_cb,
         )

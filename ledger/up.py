@@ -115,7 +115,16 @@ async def _serve(settings: UpSettings, url: str, embedded: EmbeddedNats | None, 
     from projections.projector import Projector, SeqNotifier
     from projections.reactors import Monitor, SweepReactor
 
-    nc = await connect(url)
+    stopping = False
+
+    async def lost() -> None:
+        if not stopping:
+            say(f"lost NATS at {url}; reconnecting (the views still answer, /health is degraded)")
+
+    async def back() -> None:
+        say(f"NATS back at {url}")
+
+    nc = await connect(url, disconnected_cb=lost, reconnected_cb=back)
     try:
         js = nc.jetstream()
         await ensure_stream(js)
@@ -152,6 +161,7 @@ async def _serve(settings: UpSettings, url: str, embedded: EmbeddedNats | None, 
                 await api_done.wait()
             tg.cancel_scope.cancel()
     finally:
+        stopping = True
         with anyio.CancelScope(shield=True):
             await _close(nc)
 

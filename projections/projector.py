@@ -48,14 +48,18 @@ from projections.store import (
     decode_batch,
     file_identity,
     fold,
+    is_busy,
     open_db,
     read_checkpoint,
+    sqlite_code,
 )
 
 CACHE_ENTITIES = 10_000
 """Runs (and sweeps) the projector keeps in memory between batches, at least."""
 MAX_BACKOFF_S = 5.0
 """Longest wait between two attempts to write to a full disk or to reach the stream again."""
+LOST_GRACE_S = 2.0
+"""A reader without a consumer for this long (NATS away) is reported (``/health``, one log line)."""
 STOP_WAIT_S = 10.0
 """Longest wait, when stopping, for a commit still running (a locked database); then it is abandoned (rolled back)."""
 
@@ -169,7 +173,10 @@ class Projector:
                         with anyio.CancelScope(shield=True):
                             await self._settle()  # idle: a failed commit must not wait for the next batch
                         await self._refresh_stream_seq()
-                        if self.checkpoint >= self.notifier.stream_last_seq:
+                        lost = self._reader.lost  # type: ignore[union-attr]
+                        if lost is not None and time.monotonic() - lost > LOST_GRACE_S:
+                            self._trouble(f"cannot read the stream: {self._reader.error or 'its consumer is gone'}")  # type: ignore[union-attr]
+                        elif self.checkpoint >= self.notifier.stream_last_seq:
                             self._current()  # caught up: nothing to write, nothing stuck
                         continue
                     decoded = decode_batch(batch)
@@ -291,7 +298,7 @@ class Projector:
             await commit_batch(db, folded, expected)
             outcomes = folded.outcomes
         except aiosqlite.OperationalError as exc:
-            if not _busy(exc) or self._swapped():
+            if not is_busy(exc) or self._swapped():
                 raise
             outcomes = await _retry_busy(partial(apply_batch, db, batch, decoded))
         await self._committed(outcomes, batch, started)
@@ -340,19 +347,9 @@ class Projector:
         metrics.LAG.set(max(0, self.notifier.stream_last_seq - self.notifier.last_seq))
 
 
-def _primary_code(exc: BaseException) -> int | None:
-    """SQLite's primary result code of an sqlite3 error (extended codes carry it in the low byte)."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    return None if code is None else code & 0xFF
-
-
-def _busy(exc: aiosqlite.OperationalError) -> bool:
-    return _primary_code(exc) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-
-
 def _raise_if_cannot_write(exc: BaseException) -> None:
     """A full disk or an I/O error under the views is _CannotWrite (the projector waits it out)."""
-    code = _primary_code(exc)
+    code = sqlite_code(exc)
     if code == sqlite3.SQLITE_FULL:
         raise _CannotWrite("disk full: the views cannot be written") from exc
     if code == sqlite3.SQLITE_IOERR:
@@ -366,7 +363,7 @@ async def _retry_busy(attempt: Callable[[], Awaitable[T]]) -> T:
         try:
             return await attempt()
         except aiosqlite.OperationalError as exc:
-            if not _busy(exc):
+            if not is_busy(exc):
                 raise
             await anyio.sleep(delay)
             delay = min(delay * 2, 2.0)
