@@ -71,9 +71,12 @@ class DataDirLock:
             owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)
             raise LedgerError(f"data dir {self.data_dir} is in use by another ledger up (pid {owner})") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:  # a full disk: the lock holds all the same, only the pid is missing
+            pass
 
     def release(self) -> None:
         fd, self._fd = self._fd, None
@@ -130,12 +133,15 @@ async def _serve(settings: UpSettings, url: str, embedded: EmbeddedNats | None, 
         await ensure_stream(js)
         notifier = SeqNotifier()
         db_path = settings.data_dir / "views.db"
+        await _check_views(db_path)
         server = api_server(ApiState(db_path, notifier=notifier, js=js), host, port)
         api_done = anyio.Event()
 
         async def serve_api() -> None:
             try:
                 await server.serve()
+            except SystemExit:  # uvicorn's way to say its startup failed (it logged why): reported below
+                pass
             finally:
                 api_done.set()
 
@@ -164,6 +170,20 @@ async def _serve(settings: UpSettings, url: str, embedded: EmbeddedNats | None, 
         stopping = True
         with anyio.CancelScope(shield=True):
             await _close(nc)
+
+
+async def _check_views(db_path: Path) -> None:
+    """Open the views database once before serving: one that cannot be opened (a disk full before the
+    start leaves no room for its shared-memory file) is one clear line, not a failed startup."""
+    import aiosqlite
+
+    from projections.store import open_db
+
+    try:
+        db = await open_db(db_path)
+    except aiosqlite.Error as exc:
+        raise LedgerError(f"cannot open the views database {db_path}: {exc}") from exc
+    await db.close()
 
 
 async def _close(nc: NATS) -> None:

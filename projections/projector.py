@@ -157,8 +157,13 @@ class Projector:
                   task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> int:
         """Project until cancelled (or, with ``until_idle``, until caught up). Returns the checkpoint."""
         try:
-            await self._start(reset=False)
-            task_status.started()
+            try:
+                await self._start(reset=False)
+            except _CannotWrite as exc:  # a full disk at start: serve what the views hold meanwhile
+                task_status.started()
+                await self._reopen(reset=False, trouble=exc.reason)
+            else:
+                task_status.started()
             while True:
                 try:
                     if until_idle and not self._reader.buffered:  # type: ignore[union-attr]
