@@ -20,6 +20,7 @@ from pathlib import Path
 
 import anyio
 from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
 
 from ledger.errors import LedgerError
 from ledger.server import EmbeddedNats, check_port_free
@@ -192,10 +193,10 @@ async def _close(nc: NATS) -> None:
         with anyio.fail_after(SHUTDOWN_S):
             await nc.drain()
         return
-    except Exception:  # reconnecting, or NATS gone: nothing left to flush, just close
+    except (TimeoutError, NatsError, OSError):  # reconnecting, or NATS gone: nothing left to flush, just close
         pass
     with anyio.move_on_after(SHUTDOWN_S):
         try:
             await nc.close()
-        except Exception:  # closing a connection to a dead server: nothing to save
+        except (NatsError, OSError):  # closing a connection to a dead server: nothing to save
             pass
