@@ -59,12 +59,15 @@ def projector(data_dir: Path, nats_url: str | None, until_idle: bool, as_json: b
     from ledger.stream import DEFAULT_NATS_URL, connect, ensure_stream
     from projections.projector import Projector
 
+    def say(line: str) -> None:
+        print(f"ledger projector: {line}", file=sys.stderr, flush=True)
+
     async def go() -> int:
         nc = await connect(nats_url or DEFAULT_NATS_URL)
         try:
             js = nc.jetstream()
             await ensure_stream(js)
-            return await Projector(js, data_dir / "views.db").run(until_idle=until_idle)
+            return await Projector(js, data_dir / "views.db", log=say).run(until_idle=until_idle)
         finally:
             await nc.close()
 
