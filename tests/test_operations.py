@@ -242,6 +242,8 @@ class TestEmbeddedSupervision:
         assert 2 == wait_for(lambda: ledger("emit", event("run.started", 2, "after"), env=env).stdout.strip() == "2" and 2,
                              "an emit to land on the restarted server")
         wait_for(lambda: run_ids(env) == {"before", "after"}, "the new run in the views")
+        as_of = ledger("runs", "show", "before", "--as-of-seq", "1", "--json", env=env)  # the API reads the stream
+        assert (0, "running") == (as_of.returncode, json.loads(as_of.stdout or "{}").get("state")), as_of.stderr
         assert (200, "ok") == (lambda h: (h[0], h[1]["status"]))(up.health())
         assert 0 == up.stop()
         assert not alive(second) and "Traceback" not in up.stderr
