@@ -34,8 +34,12 @@ DEFAULT_NATS_URL: Final = "nats://127.0.0.1:4222"
 
 
 async def connect(url: str, *, name: str = "run-ledger", reconnect: bool = True, timeout: float = 2.0,
-                  reconnected_cb: Callable[[], Awaitable[None]] | None = None) -> NATS:
-    """Connect to NATS; a server that cannot be reached is StreamUnavailable."""
+                  reconnected_cb: Callable[[], Awaitable[None]] | None = None,
+                  disconnected_cb: Callable[[], Awaitable[None]] | None = None) -> NATS:
+    """Connect to NATS; a server that cannot be reached is StreamUnavailable.
+
+    Once connected it reconnects forever; ``disconnected_cb`` and ``reconnected_cb`` hear of each loss and return.
+    """
     try:
         nc = await nats.connect(
             url,
@@ -45,7 +49,7 @@ async def connect(url: str, *, name: str = "run-ledger", reconnect: bool = True,
             max_reconnect_attempts=1,  # a first connect gives up after two quick tries (nats-py
             reconnect_time_wait=0.01,  # would otherwise retry it 60 times, or forever with -1)
             error_cb=_quiet,
-            disconnected_cb=_quiet_cb,
+            disconnected_cb=disconnected_cb or _quiet_cb,
             reconnected_cb=reconnected_cb or _quiet_cb,
             closed_cb=_quiet_cb,
         )
@@ -231,6 +235,11 @@ class OrderedReader:
 
 # --------------------------------------------------------------------------- ordered pull reader
 
+_NO_MESSAGES: Final = "404"
+_REQUEST_TIMEOUT: Final = "408"
+_CONFLICT: Final = "409"
+_NO_RESPONDERS: Final = "503"
+
 class PullReader:
     """An ordered pull consumer from ``start_seq``, with real backpressure.
 
@@ -243,6 +252,13 @@ class PullReader:
     the consumer sequence (messages lost in a reconnect) or a lost consumer
     recreates the consumer just after the last message taken in: the order
     is kept and nothing is skipped.
+
+    The consumer counts as lost when a pull request is answered by status 503
+    (no responders: the server restarted and forgot it) or 409 (deleted,
+    leadership change), or when the connection reconnected since it was made
+    (a restarted server, or one whose memory consumer may be gone). While NATS
+    is away the reader waits and tries again; ``lost`` says since when it has
+    had no consumer (None while it has one).
 
     The same interface as ``OrderedReader``: ``start``, ``next_batch``, ``stop``.
     """
@@ -266,6 +282,10 @@ class PullReader:
         self._next_subject = ""
         self._dseq = 0
         self._broken = False
+        self._gone = False  # the broken consumer is gone with the server: no point deleting it
+        self._reconnects = 0
+        self.lost: float | None = None  # monotonic time since which there is no consumer
+        self.error: str | None = None  # why the last attempt to recreate it failed
         self._inbox = ""
         self._sub: object | None = None
 
@@ -285,8 +305,10 @@ class PullReader:
         self._requests.clear()
         self._dseq = 0
         self._broken = False
-        if old:
+        if old and not self._gone:
             await self._delete(old)
+        self._gone = False
+        self._reconnects = self.nc.stats["reconnects"]
         config = api.ConsumerConfig(
             deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self._next_seq,
             ack_policy=api.AckPolicy.NONE, filter_subject=self.subject, mem_storage=True,
@@ -298,7 +320,30 @@ class PullReader:
             raise StreamUnavailable(f"cannot read stream {self.stream}: {exc or type(exc).__name__}") from exc
         self._consumer = info.name
         self._next_subject = f"{self.js._prefix}.CONSUMER.MSG.NEXT.{self.stream}.{info.name}"
+        self.lost = self.error = None
         await self._pump()
+
+    def _lose(self, *, gone: bool) -> None:
+        """The consumer is of no more use: the next ``next_batch`` makes a new one after the last message taken in."""
+        if not self._broken:
+            self._broken = True
+            self._gone = gone
+            self.lost = time.monotonic()
+        self._arrived.set()
+
+    async def _recreate(self) -> bool:
+        """Make the consumer again; False (and ``error`` set) while NATS is away or refuses."""
+        if not self.nc.is_connected:
+            self.error = "not connected to NATS"
+            return False
+        try:
+            await self._create()
+        except StreamUnavailable as exc:
+            self._broken = True
+            self._gone = True
+            self.error = str(exc)
+            return False
+        return True
 
     async def _delete(self, name: str) -> None:
         try:
@@ -328,16 +373,16 @@ class PullReader:
 
     async def _on_msg(self, msg: Msg) -> None:
         headers = msg.headers
-        if not msg.reply and headers and "Status" in headers:
-            status = headers.get("Status")
-            if status in ("404", "408", "409"):
-                if self._requests:
-                    self._requests.popleft()  # that request is over
-                if status == "409" and "Deleted" in headers.get("Description", ""):
-                    self._broken = True
-                    self._arrived.set()
-                    return
+        if not msg.reply and headers and api.Header.STATUS in headers:
+            status = headers.get(api.Header.STATUS)
+            if status in (_NO_MESSAGES, _REQUEST_TIMEOUT, _CONFLICT, _NO_RESPONDERS) and self._requests:
+                self._requests.popleft()  # that request is over
+            if status in (_NO_MESSAGES, _REQUEST_TIMEOUT):
                 await self._pump()
+            elif status == _CONFLICT:  # consumer deleted, leadership change: this consumer is done
+                self._lose(gone=False)
+            elif status == _NO_RESPONDERS:  # nobody serves the consumer: the server forgot it (a restart)
+                self._lose(gone=True)
             return
         tokens = msg.reply.split(".")
         base = 2 if len(tokens) == 9 else 4
@@ -345,8 +390,7 @@ class PullReader:
             return  # left over from a consumer replaced since
         dseq = int(tokens[base + 4])
         if dseq != self._dseq + 1:
-            self._broken = True  # lost messages: start over from the last one taken in
-            self._arrived.set()
+            self._lose(gone=False)  # lost messages: start over from the last one taken in
             return
         self._dseq = dseq
         seq = int(tokens[base + 3])
@@ -363,8 +407,10 @@ class PullReader:
         """Up to ``max_size`` messages in stream order; [] when none came within ``timeout``."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._buffer:
+            if not self._broken and self.nc.stats["reconnects"] != self._reconnects:
+                self._lose(gone=True)  # a reconnect: the server may have restarted without our consumer
             if self._broken:
-                await self._create()
+                await self._recreate()
             else:
                 await self._pump()
             self._arrived.clear()

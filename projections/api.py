@@ -34,6 +34,7 @@ from litestar.status_codes import (
     HTTP_500_INTERNAL_SERVER_ERROR,
     HTTP_503_SERVICE_UNAVAILABLE,
 )
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -100,6 +101,10 @@ class ApiState:
 
 STREAM_READ_S: Final = 5.0
 """A read of the stream (as-of, audit) that gets nothing for this long answers 503."""
+HEALTH_NATS_S: Final = 2.0
+"""``/health`` asks JetStream for the stream's last sequence; no answer within this long is ``degraded``."""
+STALL_S: Final = 10.0
+"""A projector behind the stream that applied nothing for this long is stalled (``/health`` degraded)."""
 RETIRE_AFTER_S: Final = 30.0
 """A connection replaced by a swap is closed on a later swap, once this old (requests take milliseconds)."""
 
@@ -305,19 +310,34 @@ async def list_quarantine(request: Request[Any, Any, Any]) -> dict[str, Any]:
 
 
 @get("/health")
-async def health(request: Request[Any, Any, Any]) -> dict[str, Any]:
+async def health(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
+    """``ok`` only while NATS answers and the projector applies the stream; else ``degraded``, a reason, 503."""
     state = _state(request)
     last_seq = await read_checkpoint(_db(request))
-    status = "ok"
-    stream_seq: int | None = state.notifier.stream_last_seq if state.notifier else None
+    reasons: list[str] = []
+    notifier = state.notifier
+    stream_seq: int | None = notifier.stream_last_seq if notifier else None
     if state.js is not None:
-        try:
-            async with asyncio.timeout(2.0):
-                stream_seq = await stream_last_seq(state.js)
-        except Exception:  # NATS down: the views still answer, but say so
-            status = "degraded"
+        if not state.js._nc.is_connected:
+            reasons.append("NATS unreachable (reconnecting)")
+        else:
+            try:
+                async with asyncio.timeout(HEALTH_NATS_S):
+                    stream_seq = await stream_last_seq(state.js)
+            except (TimeoutError, NatsError) as exc:  # NATS away or JetStream not answering: the views still answer
+                reasons.append(f"NATS unreachable ({type(exc).__name__})")
     stream_seq = max(stream_seq or 0, last_seq)
-    return {"status": status, "last_seq": last_seq, "stream_last_seq": stream_seq, "lag": stream_seq - last_seq}
+    lag = stream_seq - last_seq
+    if notifier is not None:
+        if notifier.problem is not None:
+            reasons.append(notifier.problem)
+        elif lag > 0 and notifier.stalled_for() > STALL_S:
+            reasons.append(f"projector stalled: nothing applied for {notifier.stalled_for():.0f} s, {lag} behind")
+    body: dict[str, Any] = {"status": "ok", "last_seq": last_seq, "stream_last_seq": stream_seq, "lag": lag}
+    if not reasons:
+        return Response(body)
+    body.update(status="degraded", reason="; ".join(reasons))
+    return Response(body, status_code=HTTP_503_SERVICE_UNAVAILABLE)
 
 
 @get("/metrics", media_type=CONTENT_TYPE_LATEST)

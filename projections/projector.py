@@ -9,12 +9,20 @@ next start reads again from what was committed.
 (the ``views.db`` symlink then names another file). The projector looks before
 each batch and at each idle poll; when the file changed it reopens it and goes
 on from that database's own checkpoint.
+
+A full disk (or another I/O error) under the views does not end it: the
+failed batch's transaction rolls back whole, the projector says so once
+(``SeqNotifier.problem``, which ``/health`` reports), waits with backoff and
+starts again from the committed checkpoint until the write goes through. A
+NATS outage pauses it the same way: its reader waits for the server and
+makes its consumer again from the last message taken in.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -27,6 +35,7 @@ import anyio
 from anyio.abc import TaskStatus
 from nats.js import JetStreamContext
 
+from ledger.errors import StreamUnavailable
 from ledger.stream import PullReader, StreamMessage, stream_last_seq
 from projections import metrics
 from projections.lookups import BatchKeys, ViewCache, read_views
@@ -39,12 +48,20 @@ from projections.store import (
     decode_batch,
     file_identity,
     fold,
+    is_busy,
     open_db,
     read_checkpoint,
+    sqlite_code,
 )
 
 CACHE_ENTITIES = 10_000
 """Runs (and sweeps) the projector keeps in memory between batches, at least."""
+MAX_BACKOFF_S = 5.0
+"""Longest wait between two attempts to write to a full disk or to reach the stream again."""
+LOST_GRACE_S = 2.0
+"""A reader without a consumer for this long (NATS away) is reported (``/health``, one log line)."""
+STOP_WAIT_S = 10.0
+"""Longest wait, when stopping, for a commit still running (a locked database); then it is abandoned (rolled back)."""
 
 T = TypeVar("T")
 
@@ -55,10 +72,19 @@ class SeqNotifier:
     def __init__(self, last_seq: int = 0) -> None:
         self.last_seq = last_seq
         self.stream_last_seq = last_seq
+        self.problem: str | None = None
+        """Why the projector cannot apply the stream just now (a full disk, the stream out of reach); None when it can."""
+        self.current_at = time.monotonic()
+        """When the projector last applied a batch or found itself caught up (monotonic clock)."""
         self._changed = asyncio.Condition()
+
+    def stalled_for(self) -> float:
+        """Seconds since the projector last applied a batch or was caught up."""
+        return time.monotonic() - self.current_at
 
     async def advance(self, seq: int) -> None:
         async with self._changed:
+            self.current_at = time.monotonic()
             self.last_seq = max(self.last_seq, seq)
             self.stream_last_seq = max(self.stream_last_seq, self.last_seq)
             self._changed.notify_all()
@@ -84,6 +110,19 @@ class _Restart(Exception):
     its checkpoint): start again from that database's own checkpoint."""
 
 
+class _CannotWrite(Exception):
+    """The views cannot be written just now (a full disk, an I/O error): back off, then start again
+    from the committed checkpoint. ``reason`` is what ``/health`` says."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _quiet_log(line: str) -> None:
+    return None
+
+
 class Projector:
     """Folds the ``LEDGER`` stream into the views database at ``db_path``.
 
@@ -98,8 +137,10 @@ class Projector:
     """
 
     def __init__(self, js: JetStreamContext, db_path: Path | str, *, batch_size: int = 5000,
-                 notifier: SeqNotifier | None = None, idle_poll: float = 1.0) -> None:
+                 notifier: SeqNotifier | None = None, idle_poll: float = 1.0,
+                 log: Callable[[str], None] = _quiet_log) -> None:
         self.js = js
+        self.log = log
         self.db_path = db_path
         self.batch_size = batch_size
         self.notifier = notifier or SeqNotifier()
@@ -116,8 +157,13 @@ class Projector:
                   task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> int:
         """Project until cancelled (or, with ``until_idle``, until caught up). Returns the checkpoint."""
         try:
-            await self._start(reset=False)
-            task_status.started()
+            try:
+                await self._start(reset=False)
+            except _CannotWrite as exc:  # a full disk at start: serve what the views hold meanwhile
+                task_status.started()
+                await self._reopen(reset=False, trouble=exc.reason)
+            else:
+                task_status.started()
             while True:
                 try:
                     if until_idle and not self._reader.buffered:  # type: ignore[union-attr]
@@ -132,25 +178,66 @@ class Projector:
                         with anyio.CancelScope(shield=True):
                             await self._settle()  # idle: a failed commit must not wait for the next batch
                         await self._refresh_stream_seq()
+                        lost = self._reader.lost  # type: ignore[union-attr]
+                        if lost is not None and time.monotonic() - lost > LOST_GRACE_S:
+                            self._trouble(f"cannot read the stream: {self._reader.error or 'its consumer is gone'}")  # type: ignore[union-attr]
+                        elif self.checkpoint >= self.notifier.stream_last_seq:
+                            self._current()  # caught up: nothing to write, nothing stuck
                         continue
                     decoded = decode_batch(batch)
                     with anyio.CancelScope(shield=True):  # a batch commits whole or not at all
                         await self._fold_and_commit(batch, decoded)
                 except _Restart:
-                    with anyio.CancelScope(shield=True):
-                        await self._stop()
-                        await self._start(reset=True)
+                    await self._reopen(reset=True)
+                except _CannotWrite as exc:
+                    await self._reopen(reset=False, trouble=exc.reason)
         finally:
             with anyio.CancelScope(shield=True):
                 await self._stop()
 
+    async def _reopen(self, *, reset: bool, trouble: str | None = None) -> None:
+        """Close everything and start again from the database's checkpoint. After trouble (a full
+        disk, the stream out of reach) wait first, longer each time, until a start succeeds."""
+        delay = 0.5
+        while True:
+            with anyio.CancelScope(shield=True):
+                await self._stop()
+            if trouble is not None:
+                self._trouble(trouble)
+                await anyio.sleep(delay)
+                delay = min(2 * delay, MAX_BACKOFF_S)
+            try:
+                await self._start(reset=reset)
+                return
+            except _CannotWrite as exc:
+                trouble = exc.reason
+            except StreamUnavailable as exc:
+                trouble = f"cannot read the stream: {exc}"
+
+    def _trouble(self, reason: str) -> None:
+        """Say once what keeps the projector from applying the stream; ``/health`` reports it."""
+        if self.notifier.problem != reason:
+            self.log(f"projector paused at seq {self.checkpoint}: {reason}; retrying")
+        self.notifier.problem = reason
+
+    def _current(self) -> None:
+        """The projector applies the stream again (or has nothing to apply)."""
+        self.notifier.current_at = time.monotonic()
+        if self.notifier.problem is not None:
+            self.notifier.problem = None
+            self.log(f"projector going on from seq {self.checkpoint}")
+
     async def _start(self, *, reset: bool) -> None:
         """Open the views database (write and lookup connections) and read on from its checkpoint."""
         self._identity = file_identity(self.db_path)  # before opening: a swap in between costs a reopen, no miss
-        self._db = await open_db(self.db_path)
-        self._identity = self._identity or file_identity(self.db_path)
-        self._lookups = await open_db(self.db_path, readonly=True)
-        self.checkpoint = await read_checkpoint(self._db)
+        try:
+            self._db = await open_db(self.db_path)
+            self._identity = self._identity or file_identity(self.db_path)
+            self._lookups = await open_db(self.db_path, readonly=True)
+            self.checkpoint = await read_checkpoint(self._db)
+        except aiosqlite.Error as exc:
+            _raise_if_cannot_write(exc)
+            raise
         if reset:
             await self.notifier.reset(self.checkpoint)
         else:
@@ -158,13 +245,22 @@ class Projector:
         self._cache = ViewCache(max(CACHE_ENTITIES, 2 * self.batch_size))  # two batches: see ViewCache
         self._reader = PullReader(self.js, self.checkpoint + 1)
         await self._reader.start()
+        self.notifier.current_at = time.monotonic()
 
     async def _stop(self) -> None:
-        """Let a background commit finish (whole, or rolled back: its error is moot now) and close all."""
+        """Let a background commit finish (whole, or rolled back: its error is moot now) and close all.
+
+        A commit still waiting for a lock after ``STOP_WAIT_S`` is cancelled: its transaction rolls back.
+        """
         pending, self._pending = self._pending, None
         if pending is not None:
-            with contextlib.suppress(Exception):
-                await pending
+            with anyio.move_on_after(STOP_WAIT_S):
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(pending)
+            if not pending.done():
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
         reader, self._reader = self._reader, None
         if reader is not None:
             await reader.stop()
@@ -207,7 +303,7 @@ class Projector:
             await commit_batch(db, folded, expected)
             outcomes = folded.outcomes
         except aiosqlite.OperationalError as exc:
-            if not _busy(exc) or self._swapped():
+            if not is_busy(exc) or self._swapped():
                 raise
             outcomes = await _retry_busy(partial(apply_batch, db, batch, decoded))
         await self._committed(outcomes, batch, started)
@@ -220,6 +316,7 @@ class Projector:
             metrics.EVENTS.labels(outcome).inc(count)
         self.notifier.stream_last_seq = max(self.notifier.stream_last_seq, batch[-1].seq + batch[-1].pending)
         await self.notifier.advance(self.checkpoint)
+        self._current()
         self._export_lag()
 
     async def _settle(self) -> None:
@@ -232,9 +329,10 @@ class Projector:
             await pending
         except CheckpointMoved:
             raise _Restart from None
-        except aiosqlite.Error:
+        except aiosqlite.Error as exc:
             if self._swapped():
                 raise _Restart from None
+            _raise_if_cannot_write(exc)
             raise
 
     async def _refresh_stream_seq(self) -> None:
@@ -254,8 +352,13 @@ class Projector:
         metrics.LAG.set(max(0, self.notifier.stream_last_seq - self.notifier.last_seq))
 
 
-def _busy(exc: aiosqlite.OperationalError) -> bool:
-    return "locked" in str(exc) or "busy" in str(exc)
+def _raise_if_cannot_write(exc: BaseException) -> None:
+    """A full disk or an I/O error under the views is _CannotWrite (the projector waits it out)."""
+    code = sqlite_code(exc)
+    if code == sqlite3.SQLITE_FULL:
+        raise _CannotWrite("disk full: the views cannot be written") from exc
+    if code == sqlite3.SQLITE_IOERR:
+        raise _CannotWrite(f"disk error: the views cannot be written ({getattr(exc, 'sqlite_errorname', code)})") from exc
 
 
 async def _retry_busy(attempt: Callable[[], Awaitable[T]]) -> T:
@@ -265,7 +368,7 @@ async def _retry_busy(attempt: Callable[[], Awaitable[T]]) -> T:
         try:
             return await attempt()
         except aiosqlite.OperationalError as exc:
-            if not _busy(exc):
+            if not is_busy(exc):
                 raise
             await anyio.sleep(delay)
             delay = min(delay * 2, 2.0)

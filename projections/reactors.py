@@ -5,7 +5,9 @@ runs are done).
 
 They keep no state a restart could lose: each tick reads the views and
 appends what they imply, under deterministic event ids, so several monitors
-or reactors, or one restarted halfway, record each fact once.
+or reactors, or one restarted halfway, record each fact once. They pause
+while NATS is unreachable or the projector cannot write the views, and go on
+by themselves when both are back.
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ class Reactor:
         seen = self.notifier.last_seq if self.notifier else 0
         while True:
             started = time.monotonic()
-            if not self._views_behind():
+            if self.publisher.nc.is_connected and not self._views_behind():
                 try:
                     await self.tick()
                 except (LedgerError, aiosqlite.Error):
@@ -101,9 +103,10 @@ class Reactor:
                 await asyncio.sleep(self.interval)
 
     def _views_behind(self) -> bool:
-        """Views far behind the stream (a catch-up, a replay --to-seq) would imply stale facts: wait."""
+        """Views far behind the stream (a catch-up, a replay --to-seq) or stuck (a full disk) would imply
+        stale facts: wait. (So does a NATS outage: nothing could be appended, and heartbeats are held up.)"""
         n = self.notifier
-        return n is not None and n.stream_last_seq - n.last_seq > MAX_LAG
+        return n is not None and (n.stream_last_seq - n.last_seq > MAX_LAG or n.problem is not None)
 
 
 class Monitor(Reactor):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 from collections import Counter
 from pathlib import Path
 from typing import Any, Final, NamedTuple, TypeAlias, TypeVar
@@ -41,6 +42,20 @@ INSERT_QUARANTINE: Final = (
 SET_CHECKPOINT: Final = "UPDATE checkpoint SET last_seq = ? WHERE id = 1"
 
 V = TypeVar("V")
+
+
+def sqlite_code(exc: BaseException) -> int | None:
+    """SQLite's primary result code of an sqlite3/aiosqlite error (SQLITE_BUSY, SQLITE_FULL, ...), None for others.
+
+    Errors are told apart by this code, never by their message.
+    """
+    code = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF
+
+
+def is_busy(exc: BaseException) -> bool:
+    """Another connection holds the lock (SQLITE_BUSY or SQLITE_LOCKED)."""
+    return sqlite_code(exc) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 def file_identity(path: Path | str) -> tuple[int, int] | None:
@@ -90,7 +105,7 @@ async def _set_wal(db: aiosqlite.Connection, attempts: int = 100) -> None:
                 await cur.fetchall()
             return
         except aiosqlite.OperationalError as exc:
-            if "locked" not in str(exc) or attempt == attempts - 1:
+            if not is_busy(exc) or attempt == attempts - 1:
                 raise
             await asyncio.sleep(0.05)  # another connection is creating the same file
 
@@ -213,7 +228,7 @@ async def commit_batch(db: aiosqlite.Connection, folded: Folded, expected: int) 
         try:
             await db.execute(single.sql, single.params)
         except aiosqlite.IntegrityError as exc:
-            if "checkpoint moved" in str(exc):
+            if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_CONSTRAINT_TRIGGER:  # the one RAISE: checkpoint moved
                 raise CheckpointMoved(expected, await read_checkpoint(db)) from None
             raise
         return

@@ -40,7 +40,10 @@ def up(data_dir: Path, nats_url: str | None, nats_port: int, http: str, heartbea
         sys.stdout.flush()
 
     settings = UpSettings(data_dir, nats_url, nats_port, http, heartbeat_timeout)
-    asyncio.run(run_up(settings, ready))
+    try:
+        asyncio.run(run_up(settings, ready))
+    except KeyboardInterrupt:  # a Ctrl-C before the signal handlers were in place: nothing had started
+        pass
     if not as_json:
         console.print("ledger stopped")
 
@@ -56,12 +59,15 @@ def projector(data_dir: Path, nats_url: str | None, until_idle: bool, as_json: b
     from ledger.stream import DEFAULT_NATS_URL, connect, ensure_stream
     from projections.projector import Projector
 
+    def say(line: str) -> None:
+        print(f"ledger projector: {line}", file=sys.stderr, flush=True)
+
     async def go() -> int:
         nc = await connect(nats_url or DEFAULT_NATS_URL)
         try:
             js = nc.jetstream()
             await ensure_stream(js)
-            return await Projector(js, data_dir / "views.db").run(until_idle=until_idle)
+            return await Projector(js, data_dir / "views.db", log=say).run(until_idle=until_idle)
         finally:
             await nc.close()
 
