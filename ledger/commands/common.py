@@ -8,8 +8,6 @@ from typing import Any, NoReturn
 
 import click
 
-from ledger.errors import LedgerError
-
 
 class LazyConsole:
     """A rich Console made on first use: ``ledger run`` starts faster without rich."""
@@ -41,16 +39,6 @@ def fail(message: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
-class LedgerGroup(click.Group):
-    """Turns LedgerError anywhere below into one clear line and exit code 1."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except LedgerError as exc:
-            fail(str(exc))
-
-
 def api_get(http: str, path: str, params: dict[str, Any] | None = None) -> Any:
     """GET a path of the ledger's HTTP API; an error answer or no answer ends the command with one line.
 
@@ -78,8 +66,6 @@ def api_get(http: str, path: str, params: dict[str, Any] | None = None) -> Any:
 
 def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2))
-
-
 
 
 def nats_url_or_default(url: str | None) -> str:
