@@ -1,0 +1,1 @@
+"""The verbs of the ``ledger`` command, one module per kind of work."""

@@ -1,0 +1,74 @@
+"""What every command shares: options, output, errors, and reading the HTTP API."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, NoReturn
+
+import click
+
+
+class LazyConsole:
+    """A rich Console made on first use: ``ledger run`` starts faster without rich."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._console: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._options)
+        return getattr(self._console, name)
+
+
+console: Any = LazyConsole(width=None if sys.stdout.isatty() else 160)
+err_console: Any = LazyConsole(stderr=True, soft_wrap=True)
+
+nats_url_option = click.option("--nats-url", envvar="LEDGER_NATS_URL", default=None,
+                               help="NATS server URL  [env LEDGER_NATS_URL; default nats://127.0.0.1:4222]")
+http_option = click.option("--http", "http", envvar="LEDGER_HTTP", default="127.0.0.1:8480", show_default=True,
+                           help="HOST:PORT of the ledger HTTP API  [env LEDGER_HTTP]")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    sys.exit(code)
+
+
+def api_get(http: str, path: str, params: dict[str, Any] | None = None) -> Any:
+    """GET a path of the ledger's HTTP API; an error answer or no answer ends the command with one line.
+
+    Plain urllib: the API is local http, and httpx's import and per-call TLS set-up cost ~100 ms a command.
+    """
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    query = urllib.parse.urlencode({k: v for k, v in (params or {}).items() if v is not None})
+    url = f"http://{http}{urllib.parse.quote(path)}" + (f"?{query}" if query else "")
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+        try:
+            message = json.loads(body).get("error", body.decode(errors="replace"))
+        except ValueError:
+            message = body.decode(errors="replace") or str(exc)
+        fail(str(message))
+    except (urllib.error.URLError, OSError) as exc:
+        fail(f"cannot reach the ledger API at http://{http} ({exc}); is `ledger up` running?")
+
+
+def print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2))
+
+
+def nats_url_or_default(url: str | None) -> str:
+    from ledger.stream import DEFAULT_NATS_URL
+
+    return url or DEFAULT_NATS_URL

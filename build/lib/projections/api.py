@@ -1,0 +1,365 @@
+"""The HTTP read API of CONTRACT section 4 (Litestar, msgspec-native).
+
+Every read takes ``min_seq`` (and ``timeout``, default 5 s): it answers once
+the projection has applied that stream sequence, or 504.
+
+``GET /runs/{id}?as_of=TIME|as_of_seq=N`` (and the same for sweeps) and
+``GET /runs/{id}/events`` (the audit trail) are answered from the stream, by
+reading the run's own subjects (``projections.timeline``), not from the views.
+
+When ``ledger replay`` swaps a rebuilt views database in, the next request
+notices (one stat of the path) and reopens it; requests already running
+finish on the old one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import aiosqlite
+import uvicorn
+from litestar import Litestar, Request, Response, get
+from litestar.exceptions import HTTPException, NotFoundException, ValidationException
+from litestar.params import FromPath
+from litestar.status_codes import (
+    HTTP_400_BAD_REQUEST,
+    HTTP_500_INTERNAL_SERVER_ERROR,
+    HTTP_503_SERVICE_UNAVAILABLE,
+)
+from nats.js import JetStreamContext
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ledger.errors import StreamUnavailable
+from ledger.events import ENTITY_ID_RE
+from ledger.machine import RUN_STATES, Run
+from ledger.stream import stream_last_seq
+from projections import queries, timeline
+from projections.metrics import REGISTRY
+from projections.projector import SeqNotifier
+from projections.schema import iso
+from projections.store import file_identity, open_db, read_checkpoint
+from projections.timeline import AsOf
+
+T = TypeVar("T")
+
+
+@dataclass
+class ApiState:
+    """What the handlers read from: the views database and, when in-process, the projector."""
+
+    db_path: Path
+    notifier: SeqNotifier | None = None
+    js: JetStreamContext | None = None
+    db: aiosqlite.Connection | None = None
+    db_identity: tuple[int, int] | None = None
+    retired: list[tuple[float, aiosqlite.Connection]] = field(default_factory=list)
+    reopening: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def open(self) -> None:
+        identity = file_identity(self.db_path)  # before opening: a swap in between costs one more reopen
+        self.db = await open_db(self.db_path)
+        self.db_identity = identity or file_identity(self.db_path)  # the file did not exist: we made it
+
+    async def follow_swap(self) -> None:
+        """Reopen the views database when ``ledger replay`` swapped another file in (one stat per request).
+
+        Requests already running finish on the old connection; it is closed a while later.
+        """
+        if self.db is None or file_identity(self.db_path) in (self.db_identity, None):
+            return
+        async with self.reopening:
+            if file_identity(self.db_path) in (self.db_identity, None):
+                return
+            old = self.db
+            await self.open()
+            now = time.monotonic()
+            keep = []
+            for retired_at, conn in self.retired:
+                if now - retired_at > RETIRE_AFTER_S:
+                    await conn.close()
+                else:
+                    keep.append((retired_at, conn))
+            self.retired = [*keep, (now, old)]
+
+    async def close(self) -> None:
+        for _, conn in self.retired:
+            await conn.close()
+        self.retired = []
+        if self.db is not None:
+            await self.db.close()
+            self.db = None
+
+
+STREAM_READ_S: Final = 5.0
+"""A read of the stream (as-of, audit) that gets nothing for this long answers 503."""
+RETIRE_AFTER_S: Final = 30.0
+"""A connection replaced by a swap is closed on a later swap, once this old (requests take milliseconds)."""
+
+
+def _state(request: Request[Any, Any, Any]) -> ApiState:
+    return request.app.state.ledger  # type: ignore[no-any-return]
+
+
+def _db(request: Request[Any, Any, Any]) -> aiosqlite.Connection:
+    db = _state(request).db
+    assert db is not None
+    return db
+
+
+def _check_id(value: str, what: str) -> str:
+    if not ENTITY_ID_RE.match(value):
+        raise ValidationException(f"invalid {what} {value[:40]!r}: use 1-128 of [A-Za-z0-9_-]")
+    return value
+
+
+def _int_param(request: Request[Any, Any, Any], name: str, default: int | None, low: int = 0,
+               high: int | None = None) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise ValidationException(f"{name} must be an integer, got {raw[:40]!r}") from exc
+    if value < low or (high is not None and value > high):
+        raise ValidationException(f"{name} must be between {low} and {high if high is not None else 'any'}")
+    return value
+
+
+async def _before(request: Request[Any, Any, Any]) -> Response[Any] | None:
+    """before_request: follow a swapped views database, then wait for ``min_seq``."""
+    await _state(request).follow_swap()
+    return await _wait_min_seq(request)
+
+
+async def _wait_min_seq(request: Request[Any, Any, Any]) -> Response[Any] | None:
+    """Hold a read until the projection has applied ``min_seq``."""
+    min_seq = _int_param(request, "min_seq", None)
+    if min_seq is None:
+        return None
+    raw_timeout = request.query_params.get("timeout", "5")
+    try:
+        timeout = float(raw_timeout)
+    except ValueError:
+        return _error(HTTP_400_BAD_REQUEST, f"timeout must be a number of seconds, got {raw_timeout[:40]!r}")
+    state = _state(request)
+    if state.notifier is not None:
+        if await state.notifier.wait_for(min_seq, timeout):
+            return None
+    else:
+        deadline = time.monotonic() + timeout
+        while await read_checkpoint(_db(request)) < min_seq:
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.02)  # another process projects: poll its checkpoint
+            await state.follow_swap()
+        else:
+            return None
+    return _error(504, f"projection has not reached seq {min_seq} within {timeout:g} s")
+
+
+def _error(status: int, message: str) -> Response[Any]:
+    return Response({"error": message}, status_code=status)
+
+
+def _on_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    return _error(exc.status_code, str(exc.detail))
+
+
+def _on_crash(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    return _error(HTTP_500_INTERNAL_SERVER_ERROR, f"internal error: {type(exc).__name__}")
+
+
+@get("/runs")
+async def list_runs(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    sweep = request.query_params.get("sweep") or None
+    state = request.query_params.get("state") or None
+    if sweep is not None:
+        _check_id(sweep, "sweep id")
+    if state is not None and state not in RUN_STATES:
+        raise ValidationException(f"unknown state {state[:40]!r}: one of {', '.join(RUN_STATES)}")
+    after = request.query_params.get("after") or None
+    limit = _int_param(request, "limit", 100, low=1, high=queries.MAX_LIMIT)
+    runs, cursor = await queries.list_runs(_db(request), sweep=sweep, state=state, limit=limit or 100, after=after)
+    return {"runs": runs, "next": cursor}
+
+
+_PLUS_LOST: Final = re.compile(r"(\d\d:\d\d(?::\d\d(?:\.\d+)?)?) (\d\d:?\d\d)$")
+
+
+def _as_of(request: Request[Any, Any, Any]) -> AsOf | None:
+    """The ``as_of`` (RFC 3339 time, stream clock) or ``as_of_seq`` parameter, if any."""
+    raw_time = request.query_params.get("as_of") or None
+    seq = _int_param(request, "as_of_seq", None)
+    if raw_time is not None and seq is not None:
+        raise ValidationException("give as_of or as_of_seq, not both")
+    if raw_time is None:
+        return None if seq is None else AsOf(seq=seq)
+    raw_time = _PLUS_LOST.sub(r"\1+\2", raw_time)  # an unescaped "+01:00" arrives as " 01:00"
+    try:
+        when = datetime.fromisoformat(raw_time)
+    except ValueError as exc:
+        raise ValidationException(f"as_of must be an RFC 3339 time, e.g. 2026-11-25T03:12:00Z; got {raw_time[:40]!r}") from exc
+    if when.tzinfo is None:
+        raise ValidationException(f"as_of needs a UTC offset (Z or +HH:MM): {raw_time[:40]!r}")
+    return AsOf(time=when)
+
+
+def _stream(request: Request[Any, Any, Any]) -> JetStreamContext:
+    js = _state(request).js
+    if js is None:
+        raise HTTPException(status_code=HTTP_503_SERVICE_UNAVAILABLE,
+                            detail="this API has no NATS connection: as-of and audit read the stream")
+    return js
+
+
+def _cut_text(cut: AsOf) -> str:
+    return f"seq {cut.seq}" if cut.seq is not None else f"{cut.time.isoformat() if cut.time else '?'}"
+
+
+async def _from_stream(call: Awaitable[T]) -> T:
+    try:
+        return await call
+    except StreamUnavailable as exc:
+        raise HTTPException(status_code=HTTP_503_SERVICE_UNAVAILABLE, detail=str(exc)) from exc
+
+
+@get("/runs/{run_id:str}")
+async def get_run(request: Request[Any, Any, Any], run_id: FromPath[str]) -> Run:
+    _check_id(run_id, "run id")
+    cut = _as_of(request)
+    if cut is not None:
+        past = await _from_stream(timeline.run_as_of(_stream(request), run_id, cut, stall_timeout=STREAM_READ_S))
+        if past is None:
+            raise NotFoundException(f"run {run_id!r} unknown at {_cut_text(cut)}")
+        return past
+    run = await queries.get_run(_db(request), run_id)
+    if run is None:
+        raise NotFoundException(f"unknown run {run_id!r}")
+    return run
+
+
+@get("/runs/{run_id:str}/events")
+async def run_events(request: Request[Any, Any, Any], run_id: FromPath[str]) -> timeline.Timeline:
+    """The run's audit trail, read from the stream: every message of its subjects and what it did."""
+    _check_id(run_id, "run id")
+    found = await _from_stream(timeline.run_timeline(_stream(request), run_id, stall_timeout=STREAM_READ_S))
+    if not found.events:
+        raise NotFoundException(f"unknown run {run_id!r}: no message on ledger.run.{run_id}.>")
+    return found
+
+
+@get("/runs/{run_id:str}/history")
+async def run_history(request: Request[Any, Any, Any], run_id: FromPath[str]) -> dict[str, Any]:
+    db = _db(request)
+    entries = await queries.history(db, "run", _check_id(run_id, "run id"))
+    if not entries and await queries.get_run(db, run_id) is None:
+        raise NotFoundException(f"unknown run {run_id!r}")
+    return {"run_id": run_id, "history": entries}
+
+
+@get("/sweeps")
+async def list_sweeps(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    return {"sweeps": await queries.list_sweeps(_db(request))}
+
+
+@get("/sweeps/{sweep_id:str}")
+async def get_sweep(request: Request[Any, Any, Any], sweep_id: FromPath[str]) -> queries.SweepView:
+    _check_id(sweep_id, "sweep id")
+    cut = _as_of(request)
+    if cut is not None:
+        past = await _from_stream(timeline.sweep_as_of(_stream(request), sweep_id, cut, stall_timeout=STREAM_READ_S))
+        if past is None:
+            raise NotFoundException(f"sweep {sweep_id!r} unknown at {_cut_text(cut)}")
+        counts, queue = await queries.sweep_runs_as_of(
+            _db(request), sweep_id, seq=cut.seq, recorded_at=iso(cut.time) if cut.time else None)
+        return queries.sweep_view(past, counts, queue)
+    sweep = await queries.get_sweep(_db(request), sweep_id)
+    if sweep is None:
+        raise NotFoundException(f"unknown sweep {sweep_id!r}")
+    return sweep
+
+
+@get("/sweeps/{sweep_id:str}/history")
+async def sweep_history(request: Request[Any, Any, Any], sweep_id: FromPath[str]) -> dict[str, Any]:
+    db = _db(request)
+    entries = await queries.history(db, "sweep", _check_id(sweep_id, "sweep id"))
+    if not entries:
+        raise NotFoundException(f"unknown sweep {sweep_id!r}")
+    return {"sweep_id": sweep_id, "history": entries}
+
+
+@get("/quarantine")
+async def list_quarantine(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    limit = _int_param(request, "limit", 100, low=1, high=queries.MAX_LIMIT) or 100
+    after = _int_param(request, "after", 0) or 0
+    return {"items": await queries.quarantine(_db(request), limit=limit, after=after)}
+
+
+@get("/health")
+async def health(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    state = _state(request)
+    last_seq = await read_checkpoint(_db(request))
+    status = "ok"
+    stream_seq: int | None = state.notifier.stream_last_seq if state.notifier else None
+    if state.js is not None:
+        try:
+            async with asyncio.timeout(2.0):
+                stream_seq = await stream_last_seq(state.js)
+        except Exception:  # NATS down: the views still answer, but say so
+            status = "degraded"
+    stream_seq = max(stream_seq or 0, last_seq)
+    return {"status": status, "last_seq": last_seq, "stream_last_seq": stream_seq, "lag": stream_seq - last_seq}
+
+
+@get("/metrics", media_type=CONTENT_TYPE_LATEST)
+async def prometheus_metrics() -> bytes:
+    return generate_latest(REGISTRY)
+
+
+def create_app(state: ApiState) -> Litestar:
+    """The Litestar app over ``state``; the database opens read-only at startup."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        await state.open()
+        try:
+            yield
+        finally:
+            await state.close()
+
+    app = Litestar(
+        route_handlers=[list_runs, get_run, run_events, run_history, list_sweeps, get_sweep, sweep_history,
+                        list_quarantine, health, prometheus_metrics],
+        before_request=_before,
+        exception_handlers={HTTPException: _on_http_error, Exception: _on_crash},
+        lifespan=[lifespan],
+        openapi_config=None,
+        debug=False,
+    )
+    app.state.ledger = state
+    return app
+
+
+class ApiServer(uvicorn.Server):
+    """uvicorn without its own signal handling: ``ledger up`` owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def api_server(state: ApiState, host: str, port: int) -> ApiServer:
+    config = uvicorn.Config(create_app(state), host=host, port=port, log_level="warning",
+                            access_log=False, lifespan="on")
+    return ApiServer(config)
+
+

@@ -1,0 +1,257 @@
+"""The write side of the views: one batch of stream messages applied to SQLite
+in one transaction together with the checkpoint.
+
+A crash at any point leaves either the whole batch and its checkpoint, or
+neither: nothing is lost and nothing is applied twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any, Final, NamedTuple, TypeAlias, TypeVar
+
+import aiosqlite
+
+from ledger.errors import InvalidEvent
+from ledger.events import decode_event
+from ledger.fold import Recorded, Views
+from ledger.stream import StreamMessage, recorded_at_of
+from projections.lookups import BatchKeys, read_views
+from projections.schema import (
+    BATCH_WRITER,
+    INSERT_ENTRIES,
+    INSERT_ENTRY,
+    INSERT_SEEN,
+    SCHEMA,
+    UPSERT_RUNS,
+    UPSERT_SWEEPS,
+    WRITE_BATCH,
+    entry_row,
+    iso,
+    json_param,
+    run_row,
+    sweep_row,
+)
+
+INSERT_QUARANTINE: Final = (
+    "INSERT OR REPLACE INTO quarantine (seq, subject, reason, raw, recorded_at) VALUES (?, ?, ?, ?, ?)")
+SET_CHECKPOINT: Final = "UPDATE checkpoint SET last_seq = ? WHERE id = 1"
+
+V = TypeVar("V")
+
+
+def file_identity(path: Path | str) -> tuple[int, int] | None:
+    """(device, inode) of the file ``path`` names, through a symlink; None when there is none.
+
+    ``ledger replay`` swaps in a new views database by replacing the
+    ``views.db`` symlink; readers and the projector compare this before each
+    batch or request and reopen when it changed.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+async def open_db(path: Path | str, *, readonly: bool = False) -> aiosqlite.Connection:
+    """Open the views database in WAL mode, creating the schema when writable.
+
+    A failure or a cancellation after connecting closes the connection: a
+    leaked aiosqlite connection keeps a non-daemon thread alive, and the
+    process then never exits.
+    """
+    if readonly:
+        db = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    else:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(path, isolation_level=None)
+    try:
+        await db.execute("PRAGMA busy_timeout=5000")
+        if not readonly:
+            await _set_wal(db)
+            await db.execute("PRAGMA synchronous=NORMAL")
+            await db.executescript(SCHEMA)
+            await db.executescript(BATCH_WRITER)
+    except BaseException:
+        await asyncio.shield(db.close())
+        raise
+    return db
+
+
+async def _set_wal(db: aiosqlite.Connection, attempts: int = 100) -> None:
+    """WAL mode; switching a new file takes a lock the busy handler does not wait for, so retry."""
+    for attempt in range(attempts):
+        try:
+            async with db.execute("PRAGMA journal_mode=WAL") as cur:
+                await cur.fetchall()
+            return
+        except aiosqlite.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == attempts - 1:
+                raise
+            await asyncio.sleep(0.05)  # another connection is creating the same file
+
+
+async def read_checkpoint(db: aiosqlite.Connection) -> int:
+    """The last stream sequence applied to the views (0 for none)."""
+    rows = list(await db.execute_fetchall("SELECT last_seq FROM checkpoint WHERE id = 1"))
+    return int(rows[0][0]) if rows else 0
+
+
+class Write(NamedTuple):
+    """One statement of a batch's writes: ``executemany`` over rows when ``many``, else one ``execute``."""
+
+    sql: str
+    params: Any
+    many: bool = False
+
+
+Decoded: TypeAlias = tuple[list[Recorded], list[tuple]]
+"""A batch decoded: its events, and quarantine rows (seq, subject, reason, raw, time)."""
+
+
+def decode_batch(msgs: list[StreamMessage]) -> Decoded:
+    """Split a batch into decoded events and quarantine rows (seq, subject, reason, raw, time)."""
+    good: list[Recorded] = []
+    bad: list[tuple] = []
+    for msg in msgs:
+        try:
+            good.append(Recorded(msg.seq, recorded_at_of(msg), decode_event(msg.subject, msg.data)))
+        except InvalidEvent as exc:
+            bad.append((msg.seq, msg.subject, exc.reason[:500], bytes(msg.data), iso(recorded_at_of(msg))))
+    return good, bad
+
+
+def batch_writes(views: Views, bad: list[tuple], last_seq: int) -> list[Write]:
+    """The statements that persist a folded batch: rows changed, history, seen ids, quarantine, checkpoint.
+
+    Rows go in as one JSON parameter per table, except quarantined
+    messages (raw bytes) and history holding a NUL, bound row by row.
+    """
+    writes = [
+        Write(UPSERT_RUNS, json_param(run_row(views.runs[k]) for k in views.dirty_runs)),
+        Write(UPSERT_SWEEPS, json_param(sweep_row(views.sweeps[k]) for k in views.dirty_sweeps)),
+        _history(views),
+        Write(INSERT_SEEN, json_param(views.new_ids)),
+        Write(INSERT_QUARANTINE, bad, True),
+    ]
+    kept = [w for w in writes if (w.params if w.many else w.params[0] != "[]")]
+    return [*kept, Write(SET_CHECKPOINT, (last_seq,))]
+
+
+def one_statement(writes: list[Write], expected: int) -> Write | None:
+    """The same writes as one ``WRITE_BATCH`` statement, checked against the ``expected`` checkpoint;
+    None when some rows must be bound row by row."""
+    if any(w.many for w in writes):
+        return None
+    first = {w.sql: w.params[0] for w in writes}
+    return Write(WRITE_BATCH, (expected, first[SET_CHECKPOINT], first.get(UPSERT_RUNS), first.get(UPSERT_SWEEPS),
+                               first.get(INSERT_ENTRIES), first.get(INSERT_SEEN)))
+
+
+class CheckpointMoved(Exception):
+    """The views' checkpoint is not where this writer left it: another writer moved it."""
+
+    def __init__(self, expected: int, found: int) -> None:
+        super().__init__(f"checkpoint is {found}, expected {expected}: another projector writes these views")
+        self.found = found
+
+
+def _history(views: Views) -> Write:
+    """The history rows as one JSON parameter, or bound row by row when a reason holds a NUL
+    (SQLite's JSON functions end text there; a bound parameter keeps it)."""
+    rows = [entry_row(kind, key, e) for kind, key, e in views.history]
+    if any(e.reason is not None and "\x00" in e.reason for _, _, e in views.history):
+        return Write(INSERT_ENTRY, rows, True)
+    return Write(INSERT_ENTRIES, json_param(rows))
+
+
+class Folded(NamedTuple):
+    """A folded batch: what its commit writes, and what each of its events did."""
+
+    writes: list[Write]
+    outcomes: Counter[str]
+
+
+def fold(views: Views, good: list[Recorded], bad: list[tuple], last_seq: int) -> Folded:
+    """Fold decoded events onto ``views`` (which holds every row and seen id they touch)."""
+    outcomes: Counter[str] = Counter()
+    outcomes["quarantined"] = len(bad)
+    for rec in good:
+        outcomes[views.apply(rec)] += 1
+    return Folded(batch_writes(views, bad, last_seq), outcomes)
+
+
+async def _rollback(db: aiosqlite.Connection) -> None:
+    """Roll back, unless SQLite already did (it does by itself on some errors, e.g. a full disk)."""
+    if db.in_transaction:
+        await db.execute("ROLLBACK")
+
+
+async def _write(db: aiosqlite.Connection, writes: list[Write]) -> None:
+    for write in writes:
+        if write.many:
+            await db.executemany(write.sql, write.params)
+        else:
+            await db.execute(write.sql, write.params)
+    await db.execute("COMMIT")
+
+
+async def commit_batch(db: aiosqlite.Connection, folded: Folded, expected: int) -> None:
+    """Write a folded batch with its checkpoint in one transaction, if the checkpoint is still ``expected``.
+
+    Raises CheckpointMoved (writing nothing) when another writer moved it.
+    Any failure rolls the whole batch back: nothing of it stays. Usually one
+    statement (``WRITE_BATCH``); a transaction of several when rows must be
+    bound one by one.
+    """
+    single = one_statement(folded.writes, expected)
+    if single is not None:
+        try:
+            await db.execute(single.sql, single.params)
+        except aiosqlite.IntegrityError as exc:
+            if "checkpoint moved" in str(exc):
+                raise CheckpointMoved(expected, await read_checkpoint(db)) from None
+            raise
+        return
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        found = await read_checkpoint(db)
+        if found != expected:
+            raise CheckpointMoved(expected, found)
+        await _write(db, folded.writes)
+    except BaseException:
+        await _rollback(db)
+        raise
+
+
+async def apply_batch(db: aiosqlite.Connection, msgs: list[StreamMessage],
+                      decoded: Decoded | None = None) -> Counter[str]:
+    """Fold a batch into the views and move the checkpoint, in one transaction, reading all it needs from ``db``.
+
+    Messages at or below the checkpoint are skipped (a re-delivery after a
+    reconnect). Returns how many messages had each outcome. ``decoded`` is
+    ``decode_batch(msgs)`` when the caller decoded them already.
+    """
+    if not msgs:
+        return Counter()
+    good, bad = decoded or decode_batch(msgs)
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        checkpoint = await read_checkpoint(db)
+        if checkpoint >= msgs[0].seq:  # part of the batch was applied already
+            msgs = [m for m in msgs if m.seq > checkpoint]
+            if not msgs:
+                await db.execute("ROLLBACK")
+                return Counter()
+            good = [rec for rec in good if rec.seq > checkpoint]
+            bad = [row for row in bad if row[0] > checkpoint]
+        folded = fold(await read_views(db, BatchKeys.of(good)), good, bad, msgs[-1].seq)
+        await _write(db, folded.writes)
+    except BaseException:
+        await _rollback(db)
+        raise
+    return folded.outcomes
