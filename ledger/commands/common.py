@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any, NoReturn
 
@@ -24,7 +25,8 @@ class LazyConsole:
         return getattr(self._console, name)
 
 
-console: Any = LazyConsole(width=None if sys.stdout.isatty() else 160)
+console: Any = LazyConsole(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160)
+"""Tables on stdout: as wide as the terminal (or $COLUMNS); 160 columns into a pipe or file."""
 err_console: Any = LazyConsole(stderr=True, soft_wrap=True)
 
 nats_url_option = click.option("--nats-url", envvar="LEDGER_NATS_URL", default=None,
