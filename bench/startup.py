@@ -130,8 +130,10 @@ def measure(args: argparse.Namespace, work: Path, url: str) -> dict[str, Any]:
 
 
 def render(result: dict[str, Any], machine: dict[str, Any]) -> str:
+    load = machine.get("loadavg_start", ["?"])[0]
     lines = ["run-ledger start-up benchmark (the job path)",
-             f"machine: {machine.get('cpu', '?')}, {machine.get('nproc', '?')} CPUs, load {machine.get('loadavg_start', ['?'])[0]}, python {machine.get('python', '?')}",
+             f"machine: {machine.get('cpu', '?')}, {machine.get('nproc', '?')} CPUs, load {load}, "
+             f"python {machine.get('python', '?')}",
              f"wall time, median of {result['reps']} (spawn to reaped):"]
     lines += [f"  {name:<24} {ms:7.1f} ms" for name, ms in result["medians_ms"].items()]
     lines.append(f"ledger run -- true over python -c pass: {result['overhead_ms']:.1f} ms "
