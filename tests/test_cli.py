@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,7 +17,9 @@ from pathlib import Path
 import pytest
 from nats.js import JetStreamContext
 
-from ledger.cli import VERBS
+from ledger import events as ev
+from ledger.cli import VERBS, main
+from ledger.machine import RUN_STATES, SWEEP_STATES
 from ledger.server import free_port
 from ledger.stream import STREAM, ensure_stream, stream_last_seq
 from tests.jobs import Up, ledger, run_events, wait_until
@@ -227,6 +231,61 @@ class TestLightJobPath:
                  or m in ("ledger.archive", "ledger.tables", "ledger.commands.audit", "ledger.commands.serve",
                           "ledger.commands.query", "ledger.commands.events")}
         assert set() == heavy
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def readme_block(heading: str) -> list[str]:
+    """The command lines of the first ```sh block under a README heading."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split(f"\n{heading}\n", 1)[1]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+class TestDocs:
+    def test_readme_using_it_works_as_pasted(self, up: tuple[Up, dict[str, str]]) -> None:
+        """README's "Using it" commands, pasted in order into a shell against `ledger up`, all succeed."""
+        _, env = up
+        http = env["LEDGER_HTTP"]
+        shell_env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"}
+        shell_env.pop("LEDGER_HEARTBEAT_TIMEOUT")
+        outputs: list[tuple[str, str]] = []
+        for line in readme_block("## Using it"):
+            if line.startswith(". "):
+                continue  # activating the venv: this test's PATH has its ledger already
+            if line.startswith("curl") and shutil.which("curl") is None:
+                continue
+            done = subprocess.run(["bash", "-c", f"set -e; {line.replace('127.0.0.1:8480', http)}"],
+                                  env=shell_env, capture_output=True, text=True, timeout=60)
+            assert 0 == done.returncode, f"{line}\n{done.stdout}\n{done.stderr}"
+            outputs.append((line, done.stdout))
+        emitted = [out.strip() for line, out in outputs if "ledger emit" in line]
+        assert ["2", "3"] == emitted  # what the README's comments say they print
+
+    def test_every_verb_is_in_docs_cli(self) -> None:
+        """docs/cli.md describes every verb and every subcommand the ledger command has."""
+        text = (ROOT / "docs" / "cli.md").read_text()
+        for name in VERBS:
+            command = main.get_command(None, name)  # type: ignore[arg-type]
+            assert f"`ledger {name}" in text, name
+            for sub in getattr(command, "commands", {}):
+                assert re.search(rf"ledger {name} [a-z|]*\b{sub}\b", text), f"{name} {sub}"
+
+    def test_docs_name_every_event_type_and_state(self) -> None:
+        """docs/events.md names every event type, docs/states.md every run and sweep state."""
+        events_md = (ROOT / "docs" / "events.md").read_text()
+        states_md = (ROOT / "docs" / "states.md").read_text()
+        assert [t for t in ev.EVENT_TYPES if f"`{t}`" not in events_md] == []
+        assert [s for s in (*RUN_STATES, *SWEEP_STATES) if f"`{s}`" not in states_md] == []
+
+    def test_readme_links_are_local_and_exist(self) -> None:
+        """README links only to files of this repository (no ../shared), and each exists."""
+        text = (ROOT / "README.md").read_text()
+        assert "../shared" not in text
+        links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text)
+        assert links and [link for link in links if not (ROOT / link).exists()] == []
 
 
 class TestHelp:
