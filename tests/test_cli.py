@@ -215,6 +215,14 @@ class TestNarrowTerminal:
         assert any("01JD0000000000000000000001" in line and "finished" in line for line in listed.splitlines())
 
 
+def heavy_modules(modules: set[str]) -> set[str]:
+    """The modules of a set that belong to the server, tables, audit or metrics side."""
+    return {m for m in modules if m.split(".")[0] in ("litestar", "uvicorn", "rich", "prometheus_client", "httpx",
+                                                      "projections")
+            or m in ("ledger.archive", "ledger.tables", "ledger.commands.audit", "ledger.commands.serve",
+                     "ledger.commands.query", "ledger.commands.events")}
+
+
 class TestLightJobPath:
     def test_run_imports_no_server_table_or_audit_code(self, cli_env: dict[str, str], js: JetStreamContext,
                                                        tmp_path: Path) -> None:
@@ -226,11 +234,17 @@ class TestLightJobPath:
         modules = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines()
                    if line.startswith("import time:") and "|" in line}
         assert "ledger.wrapper" in modules
-        heavy = {m for m in modules if m.split(".")[0] in ("litestar", "uvicorn", "rich", "prometheus_client",
-                                                           "httpx", "projections")
-                 or m in ("ledger.archive", "ledger.tables", "ledger.commands.audit", "ledger.commands.serve",
-                          "ledger.commands.query", "ledger.commands.events")}
-        assert set() == heavy
+        assert set() == heavy_modules(modules)
+
+    def test_python_client_imports_no_server_table_or_audit_code(self) -> None:
+        """`from ledger import Ledger, AsyncLedger, current_run` loads the client only, nothing of the server side."""
+        code = ("import sys; from ledger import Ledger, AsyncLedger, current_run, LedgerError; "
+                "print('\\n'.join(sys.modules))")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert 0 == done.returncode, done.stderr
+        modules = set(done.stdout.split())
+        assert {"ledger.client", "ledger.sync_client"} <= modules
+        assert set() == heavy_modules(modules) and "click" not in modules
 
 
 ROOT = Path(__file__).resolve().parent.parent
