@@ -110,9 +110,9 @@ async def make_stream(url: str) -> None:
 
 
 def measure(args: argparse.Namespace, work: Path, url: str) -> dict[str, Any]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGER_") and k != "PYTHONDONTWRITEBYTECODE"}
     env.update({"LEDGER_NATS_URL": url, "LEDGER_SPOOL": str(work / "spool.db"),
-                "PYTHONPYCACHEPREFIX": str(work / "pycache")})  # bytecode cached as a user has it
+                "PYTHONPYCACHEPREFIX": str(work / "pycache")})  # bytecode compiled once, then cached, as a user has it
     py = sys.executable
     commands = {
         "python -c pass": [py, "-c", "pass"],
