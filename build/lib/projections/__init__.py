@@ -1,1 +1,0 @@
-"""The read side of run-ledger: the projector, the SQLite views, queries and the HTTP API."""
