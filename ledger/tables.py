@@ -20,12 +20,16 @@ HISTORY_COLUMNS = ("seq", "state", "event_type", "reason", "at", "recorded_at", 
 HISTORY_DROPS = ("recorded_at", "event_id", "seq", "reason")
 SWEEP_COLUMNS = ("sweep_id", "state", "runs", "queue", "updated_at")
 SWEEP_DROPS = ("updated_at", "queue")
+AUDIT_COLUMNS = ("seq", "recorded_at", "event_type", "att", "effect", "state", "why")
+AUDIT_DROPS = ("recorded_at", "att", "state")
 STATE_STYLE = {
     "running": "green", "finished": "bold green", "failed": "red", "crashed": "bold red",
     "killed": "magenta", "preempted": "yellow", "pending": "dim", "initializing": "cyan",
     "stopping": "yellow", "idle": "blue", "paused": "yellow", "stopped": "yellow", "cancelled": "magenta",
 }
-WRAPS = {"reason": 16, "runs": 16}
+EFFECT_STYLE = {"applied": "green", "unchanged": "dim", "late": "yellow", "stale": "magenta",
+                "duplicate": "cyan", "quarantined": "bold red"}
+WRAPS = {"reason": 16, "runs": 16, "why": 24}
 """Columns whose text may wrap, with the narrowest they may get; every other column keeps its text on one line."""
 COLUMN_COST = 3
 """Cells a column costs beside its text: a border and one space of padding on each side."""
@@ -36,14 +40,15 @@ def _text(key: str, value: Any) -> str:
         return "-"
     if key == "progress" and isinstance(value, float):
         return f"{value:.0%}"
-    if (key == "at" or key.endswith("_at")) and isinstance(value, str) and len(value) >= 19:
-        return value[:19].replace("T", " ")  # full precision is in --json
+    if (key == "at" or key.endswith("_at")) and isinstance(value, str) and value[10:11] == "T":
+        return value[:19].replace("T", " ")  # an RFC 3339 time to the second: full precision is in --json
     return str(value)
 
 
 def _cell(key: str, value: Any) -> Text:
     text = _text(key, value)
-    return Text(text, style=STATE_STYLE.get(text, "")) if key == "state" else Text(text)
+    styles = {"state": STATE_STYLE, "effect": EFFECT_STYLE}.get(key)
+    return Text(text, style=styles.get(text, "")) if styles else Text(text)
 
 
 def _narrowest(columns: Sequence[str], rows: list[dict[str, Any]]) -> dict[str, int]:
@@ -107,6 +112,11 @@ def print_record(console: Console, title: str, record: dict[str, Any]) -> None:
 
 def print_history(console: Console, title: str, entries: list[dict[str, Any]]) -> None:
     _print(console, title, HISTORY_COLUMNS, entries, HISTORY_DROPS)
+
+
+def print_audit(console: Console, title: str, rows: list[dict[str, Any]]) -> None:
+    """A run's timeline (``ledger audit``): one row per message, its effect and why."""
+    _print(console, title, AUDIT_COLUMNS, rows, AUDIT_DROPS)
 
 
 def print_sweeps(console: Console, sweeps: list[dict[str, Any]]) -> None:

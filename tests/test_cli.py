@@ -193,15 +193,16 @@ class TestEventsVerbs:
 
 
 class TestNarrowTerminal:
-    def test_history_fits_80_columns(self, up: tuple[Up, dict[str, str]]) -> None:
-        """On an 80-column terminal history rows keep whole words: no line wider than 80, no squeezed columns."""
+    def test_tables_fit_80_columns(self, up: tuple[Up, dict[str, str]]) -> None:
+        """On an 80-column terminal tables keep whole words: no line wider than 80, history rows readable."""
         _, env = up
         ledger("emit", '{"type":"run.started","run_id":"01JD0000000000000000000001","sweep_id":"s1"}', env=env)
         ledger("emit", '{"type":"run.exited","run_id":"01JD0000000000000000000001","exit_code":0}', env=env)
         wait_until(lambda: '"seq": 2' in ledger("runs", "show", "01JD0000000000000000000001", "--json", env=env).stdout,
                    what="the views to apply seq 2")
         narrow = {**env, "COLUMNS": "80"}
-        for args in (["runs", "history", "01JD0000000000000000000001"], ["runs", "list"], ["sweeps", "list"]):
+        for args in (["runs", "history", "01JD0000000000000000000001"], ["runs", "list"], ["sweeps", "list"],
+                     ["audit", "01JD0000000000000000000001"]):
             result = ledger(*args, env=narrow)
             assert 0 == result.returncode, result.stderr
             assert max(len(line) for line in result.stdout.splitlines()) <= 80, result.stdout
