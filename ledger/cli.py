@@ -1,28 +1,72 @@
-"""The ``ledger`` command line: the group, and where each verb comes from."""
+"""The ``ledger`` command line: the group, and where each verb comes from.
+
+Each verb's module is imported only when that verb runs (or when ``--help``
+lists them all): ``ledger run`` must not pay for the HTTP server, the tables
+or the audit code before it starts its child.
+"""
 
 from __future__ import annotations
 
+from importlib import import_module
 from typing import Any
 
 import click
 
-from ledger.commands.audit import audit, replay, verify
-from ledger.commands.common import fail
-from ledger.commands.control import runs_kill, sweep
-from ledger.commands.events import events
-from ledger.commands.publish import emit, run, sync
-from ledger.commands.query import runs, sweeps
-from ledger.commands.serve import monitor, projector, up
 from ledger.errors import LedgerError
+
+VERBS: dict[str, str] = {
+    "up": "ledger.commands.serve:up",
+    "projector": "ledger.commands.serve:projector",
+    "monitor": "ledger.commands.serve:monitor",
+    "emit": "ledger.commands.publish:emit",
+    "run": "ledger.commands.publish:run",
+    "sync": "ledger.commands.publish:sync",
+    "sweep": "ledger.commands.control:sweep",
+    "runs": "ledger.commands.query:runs",
+    "sweeps": "ledger.commands.query:sweeps",
+    "events": "ledger.commands.events:events",
+    "audit": "ledger.commands.audit:audit",
+    "replay": "ledger.commands.audit:replay",
+    "verify": "ledger.commands.audit:verify",
+}
+"""Verb -> ``module:attribute`` of its click command, in the order ``--help`` lists them."""
+
+SUBVERBS: dict[str, dict[str, str]] = {
+    "runs": {"kill": "ledger.commands.control:runs_kill"},
+}
+"""Verbs of a group that live in another module than the group itself."""
+
+
+def _load(spec: str) -> click.Command:
+    module, _, name = spec.partition(":")
+    command = getattr(import_module(module), name)
+    assert isinstance(command, click.Command), spec
+    return command
 
 
 class LedgerGroup(click.Group):
-    """Turns LedgerError anywhere below into one clear line and exit code 1."""
+    """Loads each verb's module on first use, and turns LedgerError anywhere below into one line and exit 1."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [*VERBS, *(name for name in super().list_commands(ctx) if name not in VERBS)]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.commands or cmd_name not in VERBS:
+            return super().get_command(ctx, cmd_name)
+        command = _load(VERBS[cmd_name])
+        if isinstance(command, click.Group):
+            for sub, spec in SUBVERBS.get(cmd_name, {}).items():
+                if sub not in command.commands:
+                    command.add_command(_load(spec), sub)
+        self.add_command(command, cmd_name)
+        return command
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except LedgerError as exc:
+            from ledger.commands.common import fail
+
             fail(str(exc))
 
 
@@ -30,13 +74,6 @@ class LedgerGroup(click.Group):
 @click.version_option(package_name="run-ledger")
 def main() -> None:
     """run-ledger: the lifecycle of every run and sweep, as events in NATS JetStream."""
-
-
-for command in (up, projector, monitor, emit, run, sync, sweep, runs, sweeps):
-    main.add_command(command)
-runs.add_command(runs_kill)
-for command in (events, audit, replay, verify):  # audit and replay (issue 5)
-    main.add_command(command)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,6 @@ data_dir_option = click.option(
     "--data-dir", envvar="LEDGER_DATA_DIR", default="./.ledger", show_default=True, type=click.Path(path_type=Path),
     help="Where the views database lives  [env LEDGER_DATA_DIR]")
 
-EFFECT_STYLE = {"applied": "green", "unchanged": "dim", "late": "yellow", "stale": "magenta",
-                "duplicate": "cyan", "quarantined": "bold red"}
 DIFFERENT = 2
 """Exit status of ``ledger verify`` when the views differ from the stream (1 is an error)."""
 
@@ -59,8 +57,6 @@ def audit(run_id: str, nats_url: str | None, as_json: bool) -> None:
     of another attempt, a stale crash, or a no-op; quarantined messages on the
     run's subjects are listed too. The same data as GET /runs/RUN_ID/events.
     """
-    from rich.table import Table
-
     from projections.timeline import run_timeline
 
     found = asyncio.run(_with_stream(nats_url, lambda js: run_timeline(js, run_id)))
@@ -69,15 +65,12 @@ def audit(run_id: str, nats_url: str | None, as_json: bool) -> None:
     if as_json:
         print(json.dumps(_to_builtins(found), indent=2))
         return
-    table = Table(title=f"run {run_id}: {len(found.events)} messages", title_justify="left")
-    for col in ("seq", "recorded_at", "event_type", "att", "effect", "state", "why"):
-        table.add_column(col, no_wrap=col != "why", overflow="fold")
-    for e in found.events:
-        style = EFFECT_STYLE.get(e.effect, "")
-        table.add_row(str(e.seq), e.recorded_at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3],
-                      e.event_type or e.subject.rsplit(".", 1)[-1], str(e.attempt or "-"),
-                      f"[{style}]{e.effect}[/]", e.state or "-", e.why + (" *" if e.history else ""))
-    console.print(table)
+    from ledger.tables import print_audit
+
+    rows = [{"seq": e.seq, "recorded_at": e.recorded_at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3],
+             "event_type": e.event_type or e.subject.rsplit(".", 1)[-1], "att": e.attempt, "effect": e.effect,
+             "state": e.state, "why": e.why + (" *" if e.history else "")} for e in found.events]
+    print_audit(console, f"run {run_id}: {len(found.events)} messages", rows)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(found.summary.items()))
     state = f"now {found.run.state}, attempt {found.run.attempt}" if found.run else "never created"
     console.print(f"{counts}; {state}. [dim]* made a history entry[/]", highlight=False)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any, NoReturn
 
 import click
-
-from ledger.errors import LedgerError
 
 
 class LazyConsole:
@@ -26,7 +25,8 @@ class LazyConsole:
         return getattr(self._console, name)
 
 
-console: Any = LazyConsole(width=None if sys.stdout.isatty() else 160)
+console: Any = LazyConsole(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160)
+"""Tables on stdout: as wide as the terminal (or $COLUMNS); 160 columns into a pipe or file."""
 err_console: Any = LazyConsole(stderr=True, soft_wrap=True)
 
 nats_url_option = click.option("--nats-url", envvar="LEDGER_NATS_URL", default=None,
@@ -39,16 +39,6 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print machin
 def fail(message: str, code: int = 1) -> NoReturn:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False)
     sys.exit(code)
-
-
-class LedgerGroup(click.Group):
-    """Turns LedgerError anywhere below into one clear line and exit code 1."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except LedgerError as exc:
-            fail(str(exc))
 
 
 def api_get(http: str, path: str, params: dict[str, Any] | None = None) -> Any:
@@ -78,8 +68,6 @@ def api_get(http: str, path: str, params: dict[str, Any] | None = None) -> Any:
 
 def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2))
-
-
 
 
 def nats_url_or_default(url: str | None) -> str:

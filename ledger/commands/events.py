@@ -95,7 +95,13 @@ def tail(run_id: str | None, sweep_id: str | None, last: int, since_seq: int | N
                 start = max(1, end - last + 1) if last else end + 1
             else:  # a filtered subject: the last N are only known by reading its messages
                 kept: deque[Any] = deque(maxlen=last or None)
-                if last and await last_seq_on(js, subject):
+                exists = await last_seq_on(js, subject) > 0
+                if not exists:
+                    what = f"run {run_id!r}" if run_id else f"sweep {sweep_id!r}"
+                    if not follow:
+                        fail(f"no such {what}: the stream holds no message on {subject}")
+                    err_console.print(f"no message of {what} yet; waiting for one (Ctrl-C stops)", highlight=False)
+                if last and exists:
                     async with contextlib.aclosing(read_range(js, subject=subject, stop_seq=end)) as batches:
                         async for batch in batches:
                             kept.extend(batch)
@@ -226,7 +232,7 @@ def import_(file: str, append: bool, nats_url: str | None, as_json: bool) -> Non
     """
     from ledger.archive import import_stream
     from ledger.commands.progress import progress_bar
-    from ledger.stream import connect
+    from ledger.stream import connect, stream_last_seq
 
     lines = _Lines(file)
 
@@ -237,9 +243,10 @@ def import_(file: str, append: bool, nats_url: str | None, as_json: bool) -> Non
                 result = await import_stream(nc, lines, append=append, name=file,
                                              on_progress=lambda _: bar(lines.position()))
                 bar(lines.size)
+            stream_last = await stream_last_seq(nc.jetstream())  # the stream's own, also when nothing was sent
             return {"read": result.read, "imported": result.imported, "skipped": result.skipped,
                     "duplicates": result.duplicates, "resumed_after": result.resumed_after,
-                    "last_export_seq": result.last_export_seq, "stream_last_seq": result.stream_last_seq}
+                    "last_export_seq": result.last_export_seq, "stream_last_seq": stream_last}
         finally:
             lines.close()
             await nc.close()

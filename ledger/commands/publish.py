@@ -22,25 +22,89 @@ from ledger.commands.common import (
 @nats_url_option
 @json_option
 def emit(event: str | None, nats_url: str | None, as_json: bool) -> None:
-    """Publish one event given as JSON (argument, or stdin) and print its stream sequence."""
-    from ledger.publisher import Publisher
-    from ledger.stream import DEFAULT_NATS_URL, connect
+    """Publish one event given as JSON (argument, or stdin) and print its stream sequence.
 
-    payload = (event if event is not None else sys.stdin.read()).strip().encode()
-    if not payload:
+    A missing "id" is filled with a new ULID and a missing "at" with the time
+    now (UTC), so a person can type just the facts, e.g.
+    {"type":"run.started","run_id":"r1"}. The event is validated before it is
+    published; an event id JetStream saw within its duplicate window is
+    appended once: emit then prints the first copy's sequence and says so.
+    """
+    raw = event.encode() if event is not None else sys.stdin.buffer.read()
+    subject, payload, event_id = _event_to_emit(raw.strip())
+    seq, duplicate = asyncio.run(_publish_once(nats_url_or_default(nats_url), subject, payload, event_id))
+    if as_json:
+        print(json.dumps({"seq": seq, "duplicate": duplicate}))
+        return
+    print(seq)
+    if duplicate:
+        print(f"duplicate: already at seq {seq} (event id {event_id} was appended before; nothing appended)",
+              file=sys.stderr)
+
+
+def _event_to_emit(raw: bytes) -> tuple[str, bytes, str]:
+    """The subject, payload and event id of an event typed by a person: checked, with id and at filled in."""
+    from ledger import events as ev
+    from ledger.errors import LedgerError
+    from ledger.ids import new_id
+
+    if not raw:
         fail("no event given: pass JSON as an argument or on stdin")
+    try:
+        probe = json.loads(raw)
+    except UnicodeDecodeError as exc:
+        fail(f"not UTF-8: invalid byte at offset {exc.start}")
+    except ValueError as exc:
+        fail(f"not JSON: {exc}")
+    if not isinstance(probe, dict):
+        fail("an event must be a JSON object")
+    kind = probe.get("type")
+    if not isinstance(kind, str) or kind not in ev.EVENT_TYPES:
+        given = 'no "type"' if kind is None else f"unknown event type {kind!r}"
+        fail(f"{given}: use one of {', '.join(ev.EVENT_TYPES)}")
+    missing = {"id": new_id(), "at": _now()}
+    missing = {key: value for key, value in missing.items() if key not in probe}
+    payload = json.dumps({"type": kind, **missing, **probe}, separators=(",", ":")).encode() if missing else raw
+    entity = probe.get("run_id") if kind.startswith("run.") else probe.get("sweep_id")
+    owner = "run_id" if kind.startswith("run.") else "sweep_id"
+    if not isinstance(entity, str):
+        fail(f"{kind} needs {owner}: a string of 1-128 of [A-Za-z0-9_-]")
+    tag_kind, _, name = kind.partition(".")
+    subject = f"ledger.{tag_kind}.{entity}.{name}"
+    try:
+        checked = ev.decode_event(subject, payload)
+    except LedgerError as exc:
+        fail(str(exc))
+    return subject, payload, checked.id
 
-    async def go() -> int:
-        nc = await connect(nats_url or DEFAULT_NATS_URL, reconnect=False)
-        try:
-            return await Publisher(nc).publish_json(payload)
-        finally:
-            await nc.close()
 
-    seq = asyncio.run(go())
-    print(json.dumps({"seq": seq}) if as_json else seq)
+def _now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+async def _publish_once(url: str, subject: str, payload: bytes, event_id: str) -> tuple[int, bool]:
+    """Publish one message with its event id as Nats-Msg-Id: its stream sequence, and whether it was a duplicate
+    (JetStream then appends nothing and answers with the first copy's sequence)."""
+    import nats.errors
+    from nats.js.errors import APIError, NoStreamResponseError
+
+    from ledger.errors import StreamUnavailable
+    from ledger.stream import connect
+
+    nc = await connect(url, reconnect=False)
+    try:
+        ack = await nc.jetstream().publish(subject, payload, timeout=5, headers={"Nats-Msg-Id": event_id})
+        return int(ack.seq), bool(ack.duplicate)
+    except (NoStreamResponseError, nats.errors.NoRespondersError) as exc:
+        raise StreamUnavailable(f"no JetStream stream takes {subject} at {url}: is `ledger up` running?") from exc
+    except nats.errors.TimeoutError as exc:
+        raise StreamUnavailable(f"no publish ack from {url} within 5 s") from exc
+    except APIError as exc:
+        raise StreamUnavailable(f"JetStream refused the publish: {exc.description} ({exc.err_code})") from exc
+    finally:
+        await nc.close()
 
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
