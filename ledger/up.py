@@ -23,6 +23,7 @@ class UpSettings:
     nats_port: int
     http: str
     heartbeat_timeout: float
+    http_token: str | None = None
 
 
 def parse_hostport(value: str) -> tuple[str, int]:
@@ -55,7 +56,7 @@ async def up(settings: UpSettings, on_ready: Callable[[dict[str, object]], None]
             await ensure_stream(js)
             notifier = SeqNotifier()
             db_path = settings.data_dir / "views.db"
-            server = api_server(ApiState(db_path, notifier=notifier, js=js), host, port)
+            server = api_server(ApiState(db_path, notifier=notifier, js=js, http_token=settings.http_token), host, port)
             api_done = anyio.Event()
 
             async def serve_api() -> None:
