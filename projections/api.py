@@ -31,7 +31,7 @@ from litestar import Litestar, Request, Response, get
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, YamlRenderPlugin
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
-from litestar.params import FromPath, Parameter
+from litestar.params import FromPath, QueryParameter
 from litestar.status_codes import (
     HTTP_400_BAD_REQUEST,
     HTTP_500_INTERNAL_SERVER_ERROR,
@@ -219,7 +219,7 @@ class QuarantineList(msgspec.Struct):
 
 def _doc(description: str, *, type_: str = "string", query: str | None = None, **schema: Any) -> Any:
     """A query parameter as the OpenAPI document shows it; the handler parses it itself (its own 400s)."""
-    return Parameter(query=query, description=description, schema_extra={"type": type_, **schema})
+    return QueryParameter(name=query, description=description, schema_extra={"type": type_, **schema})
 
 
 MinSeq = Annotated[str | None, _doc("Answer once the projection has applied this stream sequence (else 504).",

@@ -15,7 +15,7 @@ import contextlib
 import re
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 import aiosqlite
 from litestar import MediaType, Request, Response, get, post
@@ -350,7 +350,7 @@ async def login_form(request: Request[Any, Any, Any]) -> Response[str]:
 
 @post("/web/login", tags=["web"], summary="Check the token and keep it in a cookie")
 async def login(request: Request[Any, Any, Any],
-                data: dict[str, str] = Body(media_type=RequestEncodingType.URL_ENCODED)) -> Response[Any]:
+                data: Annotated[dict[str, str], Body(media_type=RequestEncodingType.URL_ENCODED)]) -> Response[Any]:
     """The form's token: right, a SameSite=Strict HttpOnly cookie and back to the page; wrong, the form again."""
     token = _state(request).http_token
     target = data.get("next") or "/"
