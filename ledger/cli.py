@@ -37,6 +37,7 @@ for command in (up, projector, monitor, emit, run, sync, sweep, runs, sweeps):
 runs.add_command(runs_kill)
 for command in (events, audit, replay, verify):  # audit and replay (issue 5)
     main.add_command(command)
+main.add_command(__import__("ledger.commands.follow", fromlist=["quarantine"]).quarantine)  # issue 11
 
 
 if __name__ == "__main__":
