@@ -97,4 +97,4 @@ class TokenMiddleware(ASGIMiddleware):
                                     (b"content-length", str(len(body)).encode())]})
             await send({"type": "http.response.body", "body": body})
             return
-        await response(scope, receive, send)
+        await response.to_asgi_response(None, request)(scope, receive, send)
