@@ -38,6 +38,8 @@ PAGE_SIZE: Final = 100
 THROTTLE_S: Final = 0.25
 """At most one live update per page this often, however fast the projection moves."""
 STREAM_READ_S: Final = 5.0
+AUDIT_FOLD: Final = 4
+"""More routine heartbeats in a row than this show as one folded row (``ledger audit`` lists them all)."""
 _PREFIX_RE: Final = re.compile(r"^[A-Za-z0-9_-]{0,128}$")
 HTML: Final = MediaType.HTML
 
@@ -156,12 +158,37 @@ async def _started_events(js: Any, run_id: str) -> list[RunStarted]:
     return found
 
 
+def _routine(entry: timeline.TimelineEntry) -> bool:
+    return entry.event_type == "run.heartbeat" and entry.effect == "applied" and not entry.history
+
+
+def _audit_rows(entries: list[timeline.TimelineEntry]) -> str:
+    """A row per message; a long stretch of routine heartbeats folds into its first, a count, and its last."""
+    rows: list[str] = []
+    i = 0
+    while i < len(entries):
+        j = i
+        while j < len(entries) and _routine(entries[j]):
+            j += 1
+        if j - i > AUDIT_FOLD:
+            rows += [_audit_row(entries[i]),
+                     f'<tr class="folded"><td></td><td colspan="5" class="dim">… {j - i - 2:,} more heartbeats, '
+                     "each applied (step and progress) …</td></tr>", _audit_row(entries[j - 1])]
+            i = j
+            continue
+        rows.append(_audit_row(entries[i]))
+        i += 1
+    return "".join(rows)
+
+
+def _audit_row(e: timeline.TimelineEntry) -> str:
+    return (f'<tr class="effect-{e.effect}"><td class=num>{e.seq}</td><td>{render.when(e.recorded_at)}</td>'
+            f"<td><code>{esc(e.event_type or e.subject)}</code></td><td class=num>{esc(e.attempt)}</td>"
+            f'<td><span class="effect">{esc(e.effect)}</span></td><td>{esc(e.why)}</td></tr>')
+
+
 def _audit_table(trail: timeline.Timeline) -> str:
-    rows = "".join(
-        f'<tr class="effect-{e.effect}"><td class=num>{e.seq}</td><td>{render.when(e.recorded_at)}</td>'
-        f"<td><code>{esc(e.event_type or e.subject)}</code></td><td class=num>{esc(e.attempt)}</td>"
-        f'<td><span class="effect">{esc(e.effect)}</span></td><td>{esc(e.why)}</td></tr>'
-        for e in trail.events)
+    rows = _audit_rows(trail.events)
     summary = ", ".join(f"{n} {effect}" for effect, n in sorted(trail.summary.items()))
     return (f'<p class="dim">{len(trail.events)} messages: {esc(summary)}</p>'
             '<table class="audit"><thead><tr><th>seq</th><th>recorded</th><th>event</th><th>attempt</th>'

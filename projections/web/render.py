@@ -172,7 +172,7 @@ LEFT: Final = 12
 RIGHT: Final = 12
 BAND_Y: Final = 28
 BAND_H: Final = 34
-BEAT_Y: Final = 80
+BEAT_Y: Final = 96
 
 
 def _x(t: datetime, t0: datetime, t1: datetime) -> float:
@@ -230,11 +230,11 @@ def timeline_svg(history: Sequence[Entry], *, now: datetime, ended: bool, attemp
     axis = (f'<text x="{LEFT}" y="{height - 4}" class="axis">{esc(t0.strftime("%Y-%m-%d %H:%M:%S"))}</text>'
             f'<text x="{WIDTH - RIGHT}" y="{height - 4}" class="axis" text-anchor="end">'
             f'{esc(t1.strftime("%Y-%m-%d %H:%M:%S"))}{"" if ended else " (now)"}</text>'
-            f'<text x="{LEFT}" y="{BEAT_Y - 10}" class="axis">heartbeats</text>')
+            f'<text x="{LEFT}" y="{BEAT_Y - 12}" class="axis">heartbeats (gaps in red)</text>')
     return (f'<svg class="timeline" viewBox="0 0 {WIDTH} {height}" width="100%" role="img" '
             f'aria-label="state timeline" xmlns="http://www.w3.org/2000/svg">{"".join(parts)}{axis}</svg>')
 
 
 def detail_list(pairs: Iterable[tuple[str, Any]]) -> str:
-    items = "".join(f"<dt>{esc(k)}</dt><dd>{v}</dd>" for k, v in pairs)
+    items = "".join(f"<dt>{esc(k)}</dt><dd>{v or '<span class=dim>–</span>'}</dd>" for k, v in pairs)
     return f'<dl class="details">{items}</dl>'
