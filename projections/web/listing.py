@@ -23,6 +23,18 @@ PREFIX_END: Final = "~"
 """Sorts after every character an id may hold ([A-Za-z0-9_-]): ``prefix <= id < prefix + "~"``."""
 
 
+def page_sql(where: list[str], order: str) -> str:
+    """One page's query: the page's rowids sorted from the narrow (key, id) pairs first, then their rows.
+
+    Without an index on the sort key SQLite scans every run either way; sorting
+    only rowids and keys, then reading the page's hundred rows, costs a third of
+    sorting whole rows (bench/web.py).
+    """
+    cond = f" WHERE {' AND '.join(where)}" if where else ""
+    return (f"{_SELECT} WHERE rowid IN (SELECT rowid FROM runs{cond} ORDER BY {order} LIMIT ?) "
+            f"ORDER BY {order}")
+
+
 class BadCursor(ValueError):
     """A cursor that this listing did not hand out."""
 
@@ -68,7 +80,7 @@ async def list_runs(db: aiosqlite.Connection, *, sweep: str | None = None, state
             where.append("run_id > ?")
             args.append(after)
         order = "run_id"
-    sql = _SELECT + (f" WHERE {' AND '.join(where)}" if where else "") + f" ORDER BY {order} LIMIT ?"
+    sql = page_sql(where, order)
     async with db.execute(sql, (*args, limit + 1)) as cur:
         rows = list(await cur.fetchall())
     runs = [run_from_row(r[:-1]) for r in rows[:limit]]
