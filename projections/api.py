@@ -53,6 +53,7 @@ from projections.schema import iso
 from projections.store import file_identity, open_db, read_checkpoint
 from projections.timeline import AsOf
 from projections.web import web_routes
+from projections.web.apidocs import RouteListPlugin
 from projections.web.listing import SORTS, BadCursor
 from projections.web.listing import list_runs as list_runs_sorted
 
@@ -219,7 +220,7 @@ class QuarantineList(msgspec.Struct):
 
 def _doc(description: str, *, type_: str = "string", query: str | None = None, **schema: Any) -> Any:
     """A query parameter as the OpenAPI document shows it; the handler parses it itself (its own 400s)."""
-    return QueryParameter(name=query, description=description, schema_extra={"type": type_, **schema})
+    return QueryParameter(name=query, description=description, schema_extra={"oneOf": None, "type": type_, **schema})
 
 
 MinSeq = Annotated[str | None, _doc("Answer once the projection has applied this stream sequence (else 504).",
@@ -461,10 +462,11 @@ def create_app(state: ApiState) -> Litestar:
 OPENAPI: Final = OpenAPIConfig(
     title="run-ledger", version="1", path="/schema",
     description="The read API of run-ledger (CONTRACT section 4) and its web view (section 8).",
-    render_plugins=[JsonRenderPlugin(path=["/", "/openapi.json"]), YamlRenderPlugin()],
+    render_plugins=[JsonRenderPlugin(path=["/", "/openapi.json"]), YamlRenderPlugin(), RouteListPlugin()],
 )
 """``GET /schema`` is the OpenAPI document as JSON (also at ``/schema/openapi.json``, YAML at
-``/schema/openapi.yaml``): Litestar's browsable renderers load scripts from a CDN."""
+``/schema/openapi.yaml``), browsable at ``/schema/docs`` (Litestar's own browsable renderers load
+scripts from a CDN)."""
 
 
 class ApiServer(uvicorn.Server):

@@ -292,3 +292,33 @@ class TestSchema:
         assert {"run_id", "as_of", "as_of_seq", "min_seq"} <= run_params
         assert "Run" in str(doc["paths"]["/runs"]["get"]["responses"]["200"])
         assert (await api.get("/schema/openapi.json")).json() == doc
+
+    async def test_schema_is_browsable_without_a_cdn(self, browser: Browser, api: httpx.AsyncClient) -> None:
+        """/schema/docs lists every route with its parameters, loading nothing from another origin."""
+        origin = str(api.base_url).rstrip("/")
+        async with opened(browser, origin) as watched:
+            await watched.page.goto(origin + "/schema/docs")
+            await expect(watched.page.locator("h2", has_text="GET /runs/{run_id}/events")).to_have_count(
+                1, timeout=SLOW_MS)
+            await expect(watched.page.locator("section#Run")).to_contain_text("last_heartbeat_at", timeout=SLOW_MS)
+        assert [] == watched.errors and [] == watched.foreign
+
+
+class TestRunsQuery:
+    async def test_sort_since_prefix_and_bad_parameters(self, api: httpx.AsyncClient, publisher: Publisher) -> None:
+        """GET /runs sorts newest first, filters by since and prefix, pages with its cursor, and answers 400
+        to a bad sort, since, prefix or cursor."""
+        for i, run_id in enumerate(["b1", "a1", "a2", "a3"]):
+            seq = await publisher.publish(started(run_id, t=i * 60))
+        body = (await api.get("/runs", params={"sort": "started", "limit": 2, "min_seq": seq})).json()
+        assert (["a3", "a2"], True) == ([r["run_id"] for r in body["runs"]], body["next"] is not None)
+        rest = (await api.get("/runs", params={"sort": "started", "after": body["next"]})).json()
+        assert (["a1", "b1"], None) == ([r["run_id"] for r in rest["runs"]], rest["next"])
+        since = (await api.get("/runs", params={"since": "2026-11-25T12:01:00Z", "sort": "started"})).json()
+        assert ["a3", "a2", "a1"] == [r["run_id"] for r in since["runs"]]
+        prefixed = (await api.get("/runs", params={"prefix": "a"})).json()
+        assert ["a1", "a2", "a3"] == [r["run_id"] for r in prefixed["runs"]]
+        for params in ({"sort": "size"}, {"since": "yesterday"}, {"since": "2026-11-25T12:00:00"},
+                       {"prefix": "a.b"}, {"sort": "started", "after": "nocomma"}):
+            resp = await api.get("/runs", params=params)
+            assert 400 == resp.status_code and resp.json()["error"], params
