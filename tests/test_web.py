@@ -15,9 +15,11 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 
 from ledger import events as ev
 from ledger.publisher import Publisher
+from ledger.server import free_port
 from ledger.stream import PullReader, stream_last_seq
+from projections.auth import is_loopback
 from tests.factory import exited, heartbeat, started, sweep
-from tests.jobs import run_events, types
+from tests.jobs import Up, ledger, run_events, types
 from tests.serving import CHROMIUM, CHROMIUM_ARGS, seed_demo, serve
 
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
@@ -82,10 +84,8 @@ class TestPages:
             await expect(rows).to_have_count(2, timeout=SLOW_MS)
             assert ["r2", "r1"] == [await r.get_attribute("data-run") for r in await rows.all()]  # newest first
             await expect(await badge(page, "r1")).to_have_text("running", timeout=SLOW_MS)
-            await page.wait_for_function("() => window.EventSource && document.getElementById('seq')",
-                                         timeout=SLOW_MS)
+            await page.locator("body[data-live=on]").wait_for(state="attached", timeout=SLOW_MS)
             await page.evaluate("() => { window.notReloaded = true; }")
-            await page.locator("#seq").filter(has_text=str(seq)).wait_for(timeout=SLOW_MS)
 
             await publisher.publish(exited("r1", 1, t=3))
             await expect(await badge(page, "r1")).to_have_text("failed", timeout=LIVE_MS)
@@ -104,6 +104,8 @@ class TestPages:
             await expect(page.locator("table.audit tbody tr")).to_have_count(2, timeout=SLOW_MS)
             await page.goto(served.url + "/web/quarantine")
             await expect(page.locator("h1")).to_have_text("Quarantine", timeout=SLOW_MS)
+            await page.get_by_role("link", name="Sweeps").click()
+            await expect(page.locator("table.sweeps tbody tr")).to_have_count(1, timeout=SLOW_MS)
         assert [] == watched.errors
         assert [] == watched.foreign
 
@@ -234,6 +236,14 @@ async def _sweep_types(js: JetStreamContext, sweep_id: str) -> list[str]:
 
 
 class TestToken:
+    @pytest.mark.parametrize("host,expected", [
+        ("127.0.0.1", True), ("127.0.0.2", True), ("::1", True), ("[::1]", True), ("localhost", True),
+        ("0.0.0.0", False), ("", False), ("10.1.2.3", False), ("gpu-a1.example", False),
+    ])
+    def test_loopback_hosts(self, host: str, expected: bool) -> None:
+        """Actions without a token are allowed only on an API that listens on a loopback address."""
+        assert expected == is_loopback(host)
+
     async def test_token_guards_every_route_but_health_and_metrics(self, js: JetStreamContext,
                                                                    publisher: Publisher, db_path: Path) -> None:
         """With a token, reads answer 401 JSON without it and 200 with it; /health and /metrics stay open."""
@@ -322,3 +332,32 @@ class TestRunsQuery:
                        {"prefix": "a.b"}, {"sort": "started", "after": "nocomma"}):
             resp = await api.get("/runs", params=params)
             assert 400 == resp.status_code and resp.json()["error"], params
+
+
+class TestLedgerUp:
+    async def test_live_page_and_ctrl_c(self, browser: Browser, cli_env: dict[str, str], tmp_path: Path,
+                                        js: JetStreamContext) -> None:
+        """Under `ledger up` an open page follows an emitted change, and Ctrl-C with the page still open
+        stops the ledger cleanly (the live connection ends with the server)."""
+        env = {**cli_env, "LEDGER_HTTP": f"127.0.0.1:{free_port()}", "LEDGER_DATA_DIR": str(tmp_path / "data"),
+               "LEDGER_HEARTBEAT_TIMEOUT": str(10 * 365 * 86400)}
+        running = Up([], env)
+        try:
+            assert 0 == ledger("emit", STARTED_U1, env=env).returncode
+            origin = f"http://{env['LEDGER_HTTP']}"
+            async with opened(browser, origin) as watched:
+                page = watched.page
+                await page.goto(origin + "/")
+                await expect(await badge(page, "u1")).to_have_text("running", timeout=SLOW_MS)
+                await page.locator("body[data-live=on]").wait_for(state="attached", timeout=SLOW_MS)
+                assert 0 == ledger("emit", EXITED_U1, env=env).returncode
+                await expect(await badge(page, "u1")).to_have_text("failed", timeout=LIVE_MS)
+                assert 0 == running.stop()
+            assert [] == [e for e in watched.errors if "ERR_" not in e]  # the server going away, after the stop
+        finally:
+            if running.proc.poll() is None:
+                running.stop()
+
+
+STARTED_U1 = '{"type":"run.started","id":"u1-start","at":"2026-11-25T12:00:00Z","run_id":"u1"}'
+EXITED_U1 = '{"type":"run.exited","id":"u1-exit","at":"2026-11-25T12:01:00Z","run_id":"u1","exit_code":3}'

@@ -33,12 +33,13 @@
 
   if (window.EventSource && live) {
     var source = new EventSource("/web/events");
+    source.onopen = function () { document.body.dataset.live = "on"; };
     source.addEventListener("seq", function (e) {
       if (status) status.classList.remove("off");
       var seq = Number(e.data);
       if (seq > wanted) { wanted = seq; refresh(); }
     });
-    source.onerror = function () { if (status) status.classList.add("off"); };
+    source.onerror = function () { document.body.dataset.live = "off"; if (status) status.classList.add("off"); };
     window.addEventListener("pagehide", function () { source.close(); });
   }
 
