@@ -295,14 +295,7 @@ def _as_of(request: Request[Any, Any, Any]) -> AsOf | None:
         raise ValidationException("give as_of or as_of_seq, not both")
     if raw_time is None:
         return None if seq is None else AsOf(seq=seq)
-    raw_time = _PLUS_LOST.sub(r"\1+\2", raw_time)  # an unescaped "+01:00" arrives as " 01:00"
-    try:
-        when = datetime.fromisoformat(raw_time)
-    except ValueError as exc:
-        raise ValidationException(f"as_of must be an RFC 3339 time, e.g. 2026-11-25T03:12:00Z; got {raw_time[:40]!r}") from exc
-    if when.tzinfo is None:
-        raise ValidationException(f"as_of needs a UTC offset (Z or +HH:MM): {raw_time[:40]!r}")
-    return AsOf(time=when)
+    return AsOf(time=_parse_time("as_of", raw_time))
 
 
 def _stream(request: Request[Any, Any, Any]) -> JetStreamContext:

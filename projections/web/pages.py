@@ -88,7 +88,7 @@ def _action_button(url: str, label: str, *, danger: bool = False, confirm: str |
             f'<button type="submit" class="{"danger" if danger else ""}">{esc(label)}</button></form>')
 
 
-def _actions_note(request: Request[Any, Any, Any]) -> str:
+def _actions_note() -> str:
     return ('<p class="dim">Actions are off: this API listens beyond loopback without an HTTP token '
             "(<code>ledger up --http-token</code>).</p>")
 
@@ -244,7 +244,7 @@ async def run_page(request: Request[Any, Any, Any], run_id: FromPath[str]) -> Re
         actions = _action_button(f"/web/runs/{run_id}/kill", "Kill", danger=True,
                                  confirm=f"Kill run {run_id}? Its wrapper SIGKILLs the process.")
     else:
-        actions = _actions_note(request)
+        actions = _actions_note()
     body = (f'<h1>Run <span class="id">{esc(run_id)}</span> {render.badge(run.state)}</h1>'
             f'<div class="actions">{actions}</div>'
             f"<section><h2>Timeline</h2>{svg}</section>"
@@ -292,7 +292,7 @@ async def sweep_page(request: Request[Any, Any, Any], sweep_id: FromPath[str]) -
     counts = sweep.runs if sweep else {}
     entries = await queries.history(db, "sweep", sweep_id)
     if not actions_allowed(request):
-        actions = _actions_note(request)
+        actions = _actions_note()
     else:
         actions = "".join(
             _action_button(f"/web/sweeps/{sweep_id}/{verb}", verb.capitalize(), danger=verb == "cancel",
