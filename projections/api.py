@@ -10,6 +10,10 @@ reading the run's own subjects (``projections.timeline``), not from the views.
 When ``ledger replay`` swaps a rebuilt views database in, the next request
 notices (one stat of the path) and reopens it; requests already running
 finish on the old one.
+
+The same app serves the web view (``projections.web``, CONTRACT section 8),
+the OpenAPI document at ``/schema``, and, with an HTTP token, guards every
+route but ``/health`` and ``/metrics`` (``projections.auth``).
 """
 
 from __future__ import annotations
@@ -28,9 +32,9 @@ import aiosqlite
 import msgspec
 import uvicorn
 from litestar import Litestar, Request, Response, get
+from litestar.exceptions import HTTPException, NotFoundException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, YamlRenderPlugin
-from litestar.exceptions import HTTPException, NotFoundException, ValidationException
 from litestar.params import FromPath, QueryParameter
 from litestar.status_codes import (
     HTTP_400_BAD_REQUEST,
@@ -201,20 +205,28 @@ class RunsPage(msgspec.Struct):
 
 
 class RunHistory(msgspec.Struct):
+    """A run's state changes, oldest first."""
+
     run_id: str
     history: list[Entry]
 
 
 class SweepHistory(msgspec.Struct):
+    """A sweep's state changes, oldest first."""
+
     sweep_id: str
     history: list[Entry]
 
 
 class SweepList(msgspec.Struct):
+    """Every sweep, by id."""
+
     sweeps: list[queries.SweepView]
 
 
 class QuarantineList(msgspec.Struct):
+    """Messages the projector kept aside, by stream sequence."""
+
     items: list[queries.QuarantineItem]
 
 
