@@ -293,7 +293,8 @@ def _parse_time(name: str, raw: str) -> datetime:
     try:
         when = datetime.fromisoformat(raw)
     except ValueError as exc:
-        raise ValidationException(f"{name} must be an RFC 3339 time, e.g. 2026-11-25T03:12:00Z; got {raw[:40]!r}") from exc
+        raise ValidationException(
+            f"{name} must be an RFC 3339 time, e.g. 2026-11-25T03:12:00Z; got {raw[:40]!r}") from exc
     if when.tzinfo is None:
         raise ValidationException(f"{name} needs a UTC offset (Z or +HH:MM): {raw[:40]!r}")
     return when
@@ -413,9 +414,9 @@ async def list_quarantine(
     min_seq: MinSeq = None, timeout: Timeout = None,
 ) -> QuarantineList:
     """Messages the projector kept aside: sequence, subject, why, and the raw payload."""
-    limit = _int_param(request, "limit", 100, low=1, high=queries.MAX_LIMIT) or 100
+    limit_n = _int_param(request, "limit", 100, low=1, high=queries.MAX_LIMIT) or 100
     after_n = _int_param(request, "after", 0) or 0
-    return QuarantineList(await queries.quarantine(_db(request), limit=limit, after=after_n))
+    return QuarantineList(await queries.quarantine(_db(request), limit=limit_n, after=after_n))
 
 
 @get("/health")

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-from typing import Final
+from typing import Any, Final
 
-from litestar import Request
+from litestar import Request, Response
 from litestar.enums import ScopeType
 from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Receive, Scope, Send
@@ -52,7 +52,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def same_origin(request: Request) -> bool:
+def same_origin(request: Request[Any, Any, Any]) -> bool:
     """Whether a state-changing request comes from the ledger's own pages (not a cross-site form or script).
 
     Browsers send ``Sec-Fetch-Site``; older ones an ``Origin`` to compare with ``Host``.
@@ -81,20 +81,16 @@ class TokenMiddleware(ASGIMiddleware):
         if path in OPEN_PATHS or path == LOGIN_PATH:
             await next_app(scope, receive, send)
             return
-        request: Request = Request(scope, receive, send)
+        request: Request[Any, Any, Any] = Request(scope, receive, send)
         if token_matches(presented_token(dict(request.headers), request.cookies), self.token):
             await next_app(scope, receive, send)
             return
         from projections.web.pages import login_response  # the page is the web view's
 
-        wants_page = "text/html" in request.headers.get("accept", "") and scope["method"] == "GET"
-        response = login_response(path, scope.get("query_string", b"").decode()) if wants_page else None
-        if response is None:
-            body = b'{"error":"missing or wrong token: send Authorization: Bearer TOKEN"}'
-            await send({"type": "http.response.start", "status": 401,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"www-authenticate", b'Bearer realm="ledger"'),
-                                    (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
-            return
+        response: Response[Any]
+        if "text/html" in request.headers.get("accept", "") and request.method == "GET":
+            response = login_response(path, request.url.query)
+        else:
+            response = Response({"error": "missing or wrong token: send Authorization: Bearer TOKEN"},
+                                status_code=401, headers={"www-authenticate": 'Bearer realm="ledger"'})
         await response.to_asgi_response(None, request)(scope, receive, send)

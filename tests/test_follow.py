@@ -21,7 +21,8 @@ HISTORICAL = str(10 * 365 * 86400)
 
 def event(run_id: str, minutes_ago: float, kind: str = "run.started", **extra: object) -> str:
     at = (datetime.now(timezone.utc) - timedelta(minutes=minutes_ago)).isoformat().replace("+00:00", "Z")
-    return json.dumps({"type": kind, "id": f"{run_id}-{kind.replace('.', '_')}-{int(minutes_ago * 60)}", "at": at, "run_id": run_id, **extra})
+    event_id = f"{run_id}-{kind.replace('.', '_')}-{int(minutes_ago * 60)}"
+    return json.dumps({"type": kind, "id": event_id, "at": at, "run_id": run_id, **extra})
 
 
 @pytest.fixture

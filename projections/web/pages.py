@@ -230,7 +230,8 @@ async def run_page(request: Request[Any, Any, Any], run_id: FromPath[str]) -> Re
     details = render.detail_list([
         ("state", render.badge(run.state)), ("sweep", render.sweep_link(run.sweep_id)),
         ("attempt", esc(run.attempt)), ("host", esc(last_start.host) if last_start else ""),
-        ("pid", esc(last_start.pid) if last_start else ""), ("command", f"<code>{esc(command)}</code>" if command else ""),
+        ("pid", esc(last_start.pid) if last_start else ""),
+        ("command", f"<code>{esc(command)}</code>" if command else ""),
         ("exit code", esc(run.exit_code)), ("signal", esc(run.signal)),
         ("created", render.when(run.created_at)), ("started", render.when(run.started_at)),
         ("ended", render.when(run.ended_at)), ("last heartbeat", render.heartbeat_age(run, now)),
@@ -331,7 +332,8 @@ async def quarantine_page(request: Request[Any, Any, Any]) -> Response[str]:
         '<p class="empty">Nothing quarantined.</p>'
     nxt = (f'<nav class="paging"><a rel="next" href="{href("/web/quarantine", after=items[-1].seq)}">more »</a></nav>'
            if len(items) == PAGE_SIZE else "")
-    body = f'<h1>Quarantine</h1><p class="count">{total:,} message{"s" if total != 1 else ""} kept aside</p>{table}{nxt}'
+    count = f'<p class="count">{total:,} message{"s" if total != 1 else ""} kept aside</p>'
+    body = f"<h1>Quarantine</h1>{count}{table}{nxt}"
     return _html(render.page("Quarantine", body, seq))
 
 

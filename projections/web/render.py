@@ -54,7 +54,9 @@ def run_link(run_id: str) -> str:
 
 
 def sweep_link(sweep_id: str | None) -> str:
-    return f'<a href="{href(f"/web/sweeps/{sweep_id}")}">{esc(sweep_id)}</a>' if sweep_id else '<span class="dim">–</span>'
+    if not sweep_id:
+        return '<span class="dim">–</span>'
+    return f'<a href="{href(f"/web/sweeps/{sweep_id}")}">{esc(sweep_id)}</a>'
 
 
 def badge(state: str) -> str:
@@ -213,7 +215,7 @@ def timeline_svg(history: Sequence[Entry], *, now: datetime, ended: bool, attemp
                      f'<text x="{x + 3:.1f}" y="22">#{attempt}</text></g>')
     if beats:
         ordered = sorted(beats)
-        gaps = [(a, b) for a, b in zip(ordered, ordered[1:])]
+        gaps = list(zip(ordered, ordered[1:], strict=False))
         typical = statistics.median([(b - a).total_seconds() for a, b in gaps]) if gaps else 0.0
         limit = max(3 * typical, 2.0)
         parts.append(f'<line class="lane" x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{BEAT_Y}" y2="{BEAT_Y}"/>')
