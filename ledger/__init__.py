@@ -8,7 +8,8 @@ The job-side surface::
     with ledger.run("train-42", sweep="s1", resume="allow") as run:
         run.heartbeat(step=10, progress=0.1)
 
-``AsyncLedger`` is the same for async code. ``current_run()`` attaches to the
+``AsyncLedger`` is the same for async code; ``Reader`` reads runs and sweeps
+back through the HTTP API. ``current_run()`` attaches to the
 run of an enclosing ``ledger run -- CMD`` wrapper. Errors are ``LedgerError``
 and its subclasses. Names are imported on first use, so that the command line
 starts fast.
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "AsyncLedger", "AsyncRunHandle", "ConcurrencyConflict", "InvalidEvent", "Ledger", "LedgerError",
-    "ResumeMode", "ResumeRefused", "RunHandle", "StartRefused", "StreamUnavailable", "current_run", "events",
+    "ReadFailed", "Reader", "ResumeMode", "ResumeRefused", "RunHandle", "StartRefused", "StreamUnavailable", "current_run", "events",
 ]
 
 _WHERE = {
@@ -30,6 +31,7 @@ _WHERE = {
     "LedgerError": "ledger.errors", "InvalidEvent": "ledger.errors", "ResumeRefused": "ledger.errors",
     "ConcurrencyConflict": "ledger.errors", "StreamUnavailable": "ledger.errors",
     "StartRefused": "ledger.decide", "ResumeMode": "ledger.events",
+    "Reader": "ledger.reader", "ReadFailed": "ledger.reader",
 }
 
 if TYPE_CHECKING:
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
         StreamUnavailable,
     )
     from ledger.events import ResumeMode
+    from ledger.reader import ReadFailed, Reader
     from ledger.sync_client import Ledger, RunHandle, current_run
 
 

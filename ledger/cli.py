@@ -28,6 +28,7 @@ VERBS: dict[str, str] = {
     "audit": "ledger.commands.audit:audit",
     "replay": "ledger.commands.audit:replay",
     "verify": "ledger.commands.audit:verify",
+    "quarantine": "ledger.commands.follow:quarantine",
 }
 """Verb -> ``module:attribute`` of its click command, in the order ``--help`` lists them."""
 

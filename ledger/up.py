@@ -38,6 +38,7 @@ class UpSettings:
     nats_port: int
     http: str
     heartbeat_timeout: float
+    http_token: str | None = None
 
 
 def parse_hostport(value: str) -> tuple[str, int]:
@@ -135,7 +136,7 @@ async def _serve(settings: UpSettings, url: str, embedded: EmbeddedNats | None, 
         notifier = SeqNotifier()
         db_path = settings.data_dir / "views.db"
         await _check_views(db_path)
-        server = api_server(ApiState(db_path, notifier=notifier, js=js), host, port)
+        server = api_server(ApiState(db_path, notifier=notifier, js=js, http_token=settings.http_token), host, port)
         api_done = anyio.Event()
 
         async def serve_api() -> None:

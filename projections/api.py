@@ -10,6 +10,10 @@ reading the run's own subjects (``projections.timeline``), not from the views.
 When ``ledger replay`` swaps a rebuilt views database in, the next request
 notices (one stat of the path) and reopens it; requests already running
 finish on the old one.
+
+The same app serves the web view (``projections.web``, CONTRACT section 8),
+the OpenAPI document at ``/schema``, and, with an HTTP token, guards every
+route but ``/health`` and ``/metrics`` (``projections.auth``).
 """
 
 from __future__ import annotations
@@ -22,13 +26,16 @@ from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Annotated, Any, Final, TypeVar
 
 import aiosqlite
+import msgspec
 import uvicorn
 from litestar import Litestar, Request, Response, get
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
-from litestar.params import FromPath
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin, YamlRenderPlugin
+from litestar.params import FromPath, QueryParameter
 from litestar.status_codes import (
     HTTP_400_BAD_REQUEST,
     HTTP_500_INTERNAL_SERVER_ERROR,
@@ -40,14 +47,20 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ledger.errors import StreamUnavailable
 from ledger.events import ENTITY_ID_RE
+from ledger.fold import Entry
 from ledger.machine import RUN_STATES, Run
 from ledger.stream import stream_last_seq
 from projections import queries, timeline
+from projections.auth import TokenMiddleware, is_loopback
 from projections.metrics import REGISTRY
 from projections.projector import SeqNotifier
 from projections.schema import iso
 from projections.store import file_identity, open_db, read_checkpoint
 from projections.timeline import AsOf
+from projections.web import web_routes
+from projections.web.apidocs import RouteListPlugin
+from projections.web.listing import SORTS, BadCursor
+from projections.web.listing import list_runs as list_runs_sorted
 
 T = TypeVar("T")
 
@@ -63,6 +76,12 @@ class ApiState:
     db_identity: tuple[int, int] | None = None
     retired: list[tuple[float, aiosqlite.Connection]] = field(default_factory=list)
     reopening: asyncio.Lock = field(default_factory=asyncio.Lock)
+    http_token: str | None = None
+    """With a token, every route but /health and /metrics needs it (``projections.auth``)."""
+    loopback: bool = True
+    """Whether the API listens on loopback only (the web view's actions need this or a token)."""
+    closing: bool = False
+    """Set when the server shuts down: long-lived responses (the web view's events) end."""
 
     async def open(self) -> None:
         identity = file_identity(self.db_path)  # before opening: a swap in between costs one more reopen
@@ -183,21 +202,107 @@ def _on_crash(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     return _error(HTTP_500_INTERNAL_SERVER_ERROR, f"internal error: {type(exc).__name__}")
 
 
+class RunsPage(msgspec.Struct):
+    """A page of runs and the cursor of the next page (null on the last)."""
+
+    runs: list[Run]
+    next: str | None
+
+
+class RunHistory(msgspec.Struct):
+    """A run's state changes, oldest first."""
+
+    run_id: str
+    history: list[Entry]
+
+
+class SweepHistory(msgspec.Struct):
+    """A sweep's state changes, oldest first."""
+
+    sweep_id: str
+    history: list[Entry]
+
+
+class SweepList(msgspec.Struct):
+    """Every sweep, by id."""
+
+    sweeps: list[queries.SweepView]
+
+
+class QuarantineList(msgspec.Struct):
+    """Messages the projector kept aside, by stream sequence."""
+
+    items: list[queries.QuarantineItem]
+
+
+def _doc(description: str, *, type_: str = "string", query: str | None = None, **schema: Any) -> Any:
+    """A query parameter as the OpenAPI document shows it; the handler parses it itself (its own 400s)."""
+    return QueryParameter(name=query, description=description, schema_extra={"oneOf": None, "type": type_, **schema})
+
+
+MinSeq = Annotated[str | None, _doc("Answer once the projection has applied this stream sequence (else 504).",
+                                    type_="integer", minimum=0)]
+Timeout = Annotated[str | None, _doc("Seconds to wait for min_seq (default 5).", type_="number")]
+AsOfTime = Annotated[str | None, _doc("RFC 3339 time with offset (stream clock): the state as the ledger held it "
+                                      "then, read from the stream.", format="date-time")]
+AsOfSeq = Annotated[str | None, _doc("Stream sequence: the state as the ledger held it then, read from the stream.",
+                                     type_="integer", minimum=0)]
+
+
 @get("/runs")
-async def list_runs(request: Request[Any, Any, Any]) -> dict[str, Any]:
-    sweep = request.query_params.get("sweep") or None
-    state = request.query_params.get("state") or None
+async def list_runs(
+    request: Request[Any, Any, Any],
+    sweep: Annotated[str | None, _doc("Only runs of this sweep.")] = None,
+    run_state: Annotated[str | None, _doc("Only runs in this state.", query="state", enum=list(RUN_STATES))] = None,
+    prefix: Annotated[str | None, _doc("Only runs whose id starts with this.")] = None,
+    since: Annotated[str | None, _doc("Only runs started (or created) at or after this RFC 3339 time.",
+                                      format="date-time")] = None,
+    sort: Annotated[str | None, _doc("run_id (default, ascending) or started (newest first).",
+                                     enum=list(SORTS))] = None,
+    limit: Annotated[str | None, _doc("Page size (default 100).", type_="integer", minimum=1,
+                                      maximum=queries.MAX_LIMIT)] = None,
+    after: Annotated[str | None, _doc("Cursor: the `next` of the previous page.")] = None,
+    min_seq: MinSeq = None, timeout: Timeout = None,
+) -> RunsPage:
+    """Runs, a page at a time: by run id, or newest first with ``sort=started``."""
+    sweep, state, prefix, after = sweep or None, run_state or None, prefix or None, after or None
     if sweep is not None:
         _check_id(sweep, "sweep id")
+    if prefix is not None and not _PREFIX.match(prefix):
+        raise ValidationException(f"invalid id prefix {prefix[:40]!r}: use up to 128 of [A-Za-z0-9_-]")
     if state is not None and state not in RUN_STATES:
         raise ValidationException(f"unknown state {state[:40]!r}: one of {', '.join(RUN_STATES)}")
-    after = request.query_params.get("after") or None
-    limit = _int_param(request, "limit", 100, low=1, high=queries.MAX_LIMIT)
-    runs, cursor = await queries.list_runs(_db(request), sweep=sweep, state=state, limit=limit or 100, after=after)
-    return {"runs": runs, "next": cursor}
+    if sort not in (None, "", *SORTS):
+        raise ValidationException(f"unknown sort {sort[:40]!r}: one of {', '.join(SORTS)}")
+    since_text = iso(_parse_time("since", since)) if since else None
+    limit_n = _int_param(request, "limit", 100, low=1, high=queries.MAX_LIMIT) or 100
+    if sort in (None, "", "run_id") and prefix is None and since_text is None:
+        runs, cursor = await queries.list_runs(_db(request), sweep=sweep, state=state, limit=limit_n, after=after)
+        return RunsPage(runs, cursor)
+    try:
+        runs, cursor = await list_runs_sorted(_db(request), sweep=sweep, state=state, prefix=prefix, since=since_text,
+                                              sort="started" if sort == "started" else "run_id", limit=limit_n,
+                                              after=after)
+    except BadCursor as exc:
+        raise ValidationException(str(exc)) from exc
+    return RunsPage(runs, cursor)
 
 
 _PLUS_LOST: Final = re.compile(r"(\d\d:\d\d(?::\d\d(?:\.\d+)?)?) (\d\d:?\d\d)$")
+_PREFIX: Final = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+
+def _parse_time(name: str, raw: str) -> datetime:
+    """An RFC 3339 time with its offset, from a query parameter."""
+    raw = _PLUS_LOST.sub(r"\1+\2", raw)  # an unescaped "+01:00" arrives as " 01:00"
+    try:
+        when = datetime.fromisoformat(raw)
+    except ValueError as exc:
+        raise ValidationException(
+            f"{name} must be an RFC 3339 time, e.g. 2026-11-25T03:12:00Z; got {raw[:40]!r}") from exc
+    if when.tzinfo is None:
+        raise ValidationException(f"{name} needs a UTC offset (Z or +HH:MM): {raw[:40]!r}")
+    return when
 
 
 def _as_of(request: Request[Any, Any, Any]) -> AsOf | None:
@@ -208,14 +313,7 @@ def _as_of(request: Request[Any, Any, Any]) -> AsOf | None:
         raise ValidationException("give as_of or as_of_seq, not both")
     if raw_time is None:
         return None if seq is None else AsOf(seq=seq)
-    raw_time = _PLUS_LOST.sub(r"\1+\2", raw_time)  # an unescaped "+01:00" arrives as " 01:00"
-    try:
-        when = datetime.fromisoformat(raw_time)
-    except ValueError as exc:
-        raise ValidationException(f"as_of must be an RFC 3339 time, e.g. 2026-11-25T03:12:00Z; got {raw_time[:40]!r}") from exc
-    if when.tzinfo is None:
-        raise ValidationException(f"as_of needs a UTC offset (Z or +HH:MM): {raw_time[:40]!r}")
-    return AsOf(time=when)
+    return AsOf(time=_parse_time("as_of", raw_time))
 
 
 def _stream(request: Request[Any, Any, Any]) -> JetStreamContext:
@@ -238,7 +336,9 @@ async def _from_stream(call: Awaitable[T]) -> T:
 
 
 @get("/runs/{run_id:str}")
-async def get_run(request: Request[Any, Any, Any], run_id: FromPath[str]) -> Run:
+async def get_run(request: Request[Any, Any, Any], run_id: FromPath[str], as_of: AsOfTime = None,
+                  as_of_seq: AsOfSeq = None, min_seq: MinSeq = None, timeout: Timeout = None) -> Run:
+    """One run now, or as the ledger held it at a past time or stream sequence."""
     _check_id(run_id, "run id")
     cut = _as_of(request)
     if cut is not None:
@@ -253,7 +353,8 @@ async def get_run(request: Request[Any, Any, Any], run_id: FromPath[str]) -> Run
 
 
 @get("/runs/{run_id:str}/events")
-async def run_events(request: Request[Any, Any, Any], run_id: FromPath[str]) -> timeline.Timeline:
+async def run_events(request: Request[Any, Any, Any], run_id: FromPath[str], min_seq: MinSeq = None,
+                     timeout: Timeout = None) -> timeline.Timeline:
     """The run's audit trail, read from the stream: every message of its subjects and what it did."""
     _check_id(run_id, "run id")
     found = await _from_stream(timeline.run_timeline(_stream(request), run_id, stall_timeout=STREAM_READ_S))
@@ -263,21 +364,26 @@ async def run_events(request: Request[Any, Any, Any], run_id: FromPath[str]) -> 
 
 
 @get("/runs/{run_id:str}/history")
-async def run_history(request: Request[Any, Any, Any], run_id: FromPath[str]) -> dict[str, Any]:
+async def run_history(request: Request[Any, Any, Any], run_id: FromPath[str], min_seq: MinSeq = None,
+                      timeout: Timeout = None) -> RunHistory:
+    """Every state the run went through, with both clocks and the reason."""
     db = _db(request)
     entries = await queries.history(db, "run", _check_id(run_id, "run id"))
     if not entries and await queries.get_run(db, run_id) is None:
         raise NotFoundException(f"unknown run {run_id!r}")
-    return {"run_id": run_id, "history": entries}
+    return RunHistory(run_id, entries)
 
 
 @get("/sweeps")
-async def list_sweeps(request: Request[Any, Any, Any]) -> dict[str, Any]:
-    return {"sweeps": await queries.list_sweeps(_db(request))}
+async def list_sweeps(request: Request[Any, Any, Any], min_seq: MinSeq = None, timeout: Timeout = None) -> SweepList:
+    """Every sweep with its runs per state and its queue."""
+    return SweepList(await queries.list_sweeps(_db(request)))
 
 
 @get("/sweeps/{sweep_id:str}")
-async def get_sweep(request: Request[Any, Any, Any], sweep_id: FromPath[str]) -> queries.SweepView:
+async def get_sweep(request: Request[Any, Any, Any], sweep_id: FromPath[str], as_of: AsOfTime = None,
+                    as_of_seq: AsOfSeq = None, min_seq: MinSeq = None, timeout: Timeout = None) -> queries.SweepView:
+    """One sweep now, or as the ledger held it at a past time or stream sequence."""
     _check_id(sweep_id, "sweep id")
     cut = _as_of(request)
     if cut is not None:
@@ -294,19 +400,28 @@ async def get_sweep(request: Request[Any, Any, Any], sweep_id: FromPath[str]) ->
 
 
 @get("/sweeps/{sweep_id:str}/history")
-async def sweep_history(request: Request[Any, Any, Any], sweep_id: FromPath[str]) -> dict[str, Any]:
+async def sweep_history(request: Request[Any, Any, Any], sweep_id: FromPath[str], min_seq: MinSeq = None,
+                        timeout: Timeout = None) -> SweepHistory:
+    """Every state the sweep went through."""
     db = _db(request)
     entries = await queries.history(db, "sweep", _check_id(sweep_id, "sweep id"))
     if not entries:
         raise NotFoundException(f"unknown sweep {sweep_id!r}")
-    return {"sweep_id": sweep_id, "history": entries}
+    return SweepHistory(sweep_id, entries)
 
 
 @get("/quarantine")
-async def list_quarantine(request: Request[Any, Any, Any]) -> dict[str, Any]:
-    limit = _int_param(request, "limit", 100, low=1, high=queries.MAX_LIMIT) or 100
-    after = _int_param(request, "after", 0) or 0
-    return {"items": await queries.quarantine(_db(request), limit=limit, after=after)}
+async def list_quarantine(
+    request: Request[Any, Any, Any],
+    limit: Annotated[str | None, _doc("Page size (default 100).", type_="integer", minimum=1,
+                                      maximum=queries.MAX_LIMIT)] = None,
+    after: Annotated[str | None, _doc("List messages after this stream sequence.", type_="integer", minimum=0)] = None,
+    min_seq: MinSeq = None, timeout: Timeout = None,
+) -> QuarantineList:
+    """Messages the projector kept aside: sequence, subject, why, and the raw payload."""
+    limit_n = _int_param(request, "limit", 100, low=1, high=queries.MAX_LIMIT) or 100
+    after_n = _int_param(request, "after", 0) or 0
+    return QuarantineList(await queries.quarantine(_db(request), limit=limit_n, after=after_n))
 
 
 @get("/health")
@@ -358,28 +473,49 @@ def create_app(state: ApiState) -> Litestar:
 
     app = Litestar(
         route_handlers=[list_runs, get_run, run_events, run_history, list_sweeps, get_sweep, sweep_history,
-                        list_quarantine, health, prometheus_metrics],
+                        list_quarantine, health, prometheus_metrics, *web_routes()],
         before_request=_before,
         exception_handlers={HTTPException: _on_http_error, Exception: _on_crash},
         lifespan=[lifespan],
-        openapi_config=None,
+        middleware=[TokenMiddleware(state.http_token)] if state.http_token else [],
+        openapi_config=OPENAPI,
         debug=False,
     )
     app.state.ledger = state
     return app
 
 
+OPENAPI: Final = OpenAPIConfig(
+    title="run-ledger", version="1", path="/schema",
+    description="The read API of run-ledger (CONTRACT section 4) and its web view (section 8).",
+    render_plugins=[JsonRenderPlugin(path=["/", "/openapi.json"]), YamlRenderPlugin(), RouteListPlugin()],
+)
+"""``GET /schema`` is the OpenAPI document as JSON (also at ``/schema/openapi.json``, YAML at
+``/schema/openapi.yaml``), browsable at ``/schema/docs`` (Litestar's own browsable renderers load
+scripts from a CDN)."""
+
+
 class ApiServer(uvicorn.Server):
     """uvicorn without its own signal handling: ``ledger up`` owns the signals."""
+
+    state: ApiState | None = None
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
 
+    async def shutdown(self, sockets: Any = None) -> None:
+        if self.state is not None:
+            self.state.closing = True  # the web view's event streams end within a second
+        await super().shutdown(sockets)
+
 
 def api_server(state: ApiState, host: str, port: int) -> ApiServer:
+    state.loopback = is_loopback(host)
     config = uvicorn.Config(create_app(state), host=host, port=port, log_level="warning",
-                            access_log=False, lifespan="on")
-    return ApiServer(config)
+                            access_log=False, lifespan="on", timeout_graceful_shutdown=5)
+    server = ApiServer(config)
+    server.state = state
+    return server
 
 

@@ -52,8 +52,10 @@ def api_get(http: str, path: str, params: dict[str, Any] | None = None) -> Any:
 
     query = urllib.parse.urlencode({k: v for k, v in (params or {}).items() if v is not None})
     url = f"http://{http}{urllib.parse.quote(path)}" + (f"?{query}" if query else "")
+    token = os.environ.get("LEDGER_HTTP_TOKEN")
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
+        with urllib.request.urlopen(request, timeout=10) as resp:
             return json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         body = exc.read()

@@ -29,11 +29,23 @@ def runs() -> None:
 @click.option("--state", default=None, help="Only runs in this state.")
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 1000))
 @click.option("--after", default=None, help="Cursor: list runs after this run id.")
+@click.option("--sort", type=click.Choice(["run_id", "started"]), default="run_id", show_default=True,
+              help="run_id, or started: newest first.")
+@click.option("--since", default=None, metavar="WHEN", help="Only runs started since: 30m, 1h, 2d or an RFC 3339 time.")
+@click.option("--prefix", default=None, help="Only runs whose id starts with this.")
+@click.option("--watch", is_flag=True, help="Print again each time the ledger moves, until Ctrl-C.")
 @http_option
 @json_option
-def runs_list(sweep: str | None, state: str | None, limit: int, after: str | None, http: str, as_json: bool) -> None:
-    """List runs, in run id order."""
-    data = api_get(http, "/runs", {"sweep": sweep, "state": state, "limit": limit, "after": after})
+def runs_list(sweep: str | None, state: str | None, limit: int, after: str | None, sort: str, since: str | None,
+              prefix: str | None, watch: bool, http: str, as_json: bool) -> None:
+    """List runs, in run id order or newest first (--sort started)."""
+    from ledger.commands.follow import since_param, watch_runs
+
+    params = {"sweep": sweep, "state": state, "limit": limit, "after": after, "prefix": prefix,
+              "sort": None if sort == "run_id" else sort, "since": since_param(since)}
+    if watch:
+        return watch_runs(http, params, as_json)
+    data = api_get(http, "/runs", params)
     print_json(data) if as_json else _tables().print_runs(console, data["runs"], data["next"])
 
 

@@ -23,8 +23,11 @@ from ledger.commands.common import console, json_option, nats_url_option
               help="HOST:PORT the HTTP API listens on  [env LEDGER_HTTP]")
 @click.option("--heartbeat-timeout", envvar="LEDGER_HEARTBEAT_TIMEOUT", default=300.0, show_default=True, type=float,
               help="Seconds without heartbeat before a run is crashed  [env LEDGER_HEARTBEAT_TIMEOUT]")
+@click.option("--http-token", "http_token", envvar="LEDGER_HTTP_TOKEN", default=None,
+              help="Every HTTP route but /health and /metrics needs Authorization: Bearer TOKEN  [env LEDGER_HTTP_TOKEN]")
 @json_option
-def up(data_dir: Path, nats_url: str | None, nats_port: int, http: str, heartbeat_timeout: float, as_json: bool) -> None:
+def up(data_dir: Path, nats_url: str | None, nats_port: int, http: str, heartbeat_timeout: float,
+       http_token: str | None, as_json: bool) -> None:
     """Run the ledger: embedded NATS (unless --nats-url), stream, projector and HTTP API."""
     from ledger.up import UpSettings
     from ledger.up import up as run_up
@@ -39,7 +42,7 @@ def up(data_dir: Path, nats_url: str | None, nats_port: int, http: str, heartbea
             console.print("[dim]Ctrl-C to stop[/]")
         sys.stdout.flush()
 
-    settings = UpSettings(data_dir, nats_url, nats_port, http, heartbeat_timeout)
+    settings = UpSettings(data_dir, nats_url, nats_port, http, heartbeat_timeout, http_token or None)
     try:
         asyncio.run(run_up(settings, ready))
     except KeyboardInterrupt:  # a Ctrl-C before the signal handlers were in place: nothing had started
