@@ -55,16 +55,30 @@ def _sweep_takes_new_runs(run: Run | None, sweep: Sweep | None) -> None:
         raise StartRefused("sweep-closed", f"sweep {sweep.sweep_id!r} is {sweep.state} and takes no new runs")
 
 
+def _attempt_not_stale(run: Run | None, attempt: int | None) -> None:
+    """A scheduler's attempt not higher than one the run already started comes from an old
+    incarnation of the job (a zombie): it would change nothing, so it must not run CMD."""
+    if run is not None and attempt is not None and run.started_at is not None and attempt <= run.attempt:
+        raise StartRefused("attempt-stale", f"run {run.run_id!r} already started attempt {run.attempt}; "
+                                            f"attempt {attempt} is stale")
+
+
 def decide_start(run: Run | None, run_id: str, mode: ResumeMode, *, sweep: Sweep | None = None,
-                 now: datetime, fresh_within: timedelta, force: bool = False) -> int:
+                 now: datetime, fresh_within: timedelta, force: bool = False, attempt: int | None = None) -> int:
     """The attempt a start of ``run_id`` gets under ``mode``, or StartRefused.
 
     ``run`` is the run as folded from the stream (None: the id was never used).
+    ``attempt`` is the attempt a scheduler asked for (e.g. Slurm's restart count + 1).
     """
     _never_reuses_an_id(run, mode)
     _must_find_the_run(run, run_id, mode)
-    _no_twin_processes(run, now, fresh_within, force)
+    # a scheduler's higher attempt proves the old one is over (its process may have died unrecorded)
+    newer = attempt is not None and run is not None and attempt > run.attempt
+    _no_twin_processes(run, now, fresh_within, force or newer)
     _sweep_takes_new_runs(run, sweep)
+    _attempt_not_stale(run, attempt)
+    if attempt is not None:
+        return attempt  # until the fold honours a start's own attempt, it equals the one below for Slurm
     if run is None:
         return 1
     return run.attempt + 1 if starts_new_attempt(run) else run.attempt

@@ -51,6 +51,8 @@ SWEEP_STATES: Final[tuple[SweepState, ...]] = SweepState.__args__  # type: ignor
 TERMINAL: Final = frozenset({"finished", "failed", "killed"})
 """Terminal until a resume starts a new attempt."""
 ALIVE: Final = frozenset({"initializing", "running", "stopping"})
+FAILURE_REASONS: Final = frozenset({"time-limit", "oom"})
+"""An exit by signal with one of these reasons is ``failed``: the job broke a limit, nobody killed it."""
 """States the liveness monitor watches."""
 SWEEP_TERMINAL: Final = frozenset({"cancelled", "finished", "failed", "crashed"})
 SWEEP_CLOSED: Final = frozenset({"paused", "stopped"}) | SWEEP_TERMINAL
@@ -188,8 +190,10 @@ def _unfenced(run: Run, event: AnyRunEvent) -> Run:
             code = {"exit_code": event.exit_code, "signal": event.signal or run.signal}
             if run.preempting and abnormal:
                 return _ended(run, "preempted", event.at, **code)
-            if event.signal is not None:
+            if event.signal is not None and event.reason not in FAILURE_REASONS:
                 return _ended(run, "killed", event.at, **code)
+            if event.signal is not None:
+                return _ended(run, "failed", event.at, **code)
             return _ended(run, "finished" if event.exit_code == 0 else "failed", event.at, **code)
         case RunKilled():
             return run if run.terminal else _ended(run, "killed", event.at)
@@ -259,6 +263,8 @@ def evolve_sweep(sweep: Sweep, event: AnySweepEvent) -> Sweep:
 def reason_of(event: AnyRunEvent | AnySweepEvent) -> str | None:
     """Why a state changed, for history entries: exit code, signal, stated reason."""
     match event:
+        case RunExited(reason=str(reason)):
+            return reason
         case RunExited(signal=int(sig)):
             return f"signal {sig}"
         case RunExited(exit_code=code):

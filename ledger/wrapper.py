@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from ledger import events as ev
+from ledger import schedulers
 from ledger.client import AsyncLedger, AsyncRunHandle
 from ledger.errors import InvalidEvent, LedgerError
 from ledger.events import ResumeMode
@@ -45,7 +46,7 @@ REFUSED_EXIT = 1
 class Wrapper:
     """One ``ledger run`` invocation."""
 
-    def __init__(self, command: Sequence[str], *, run_id: str | None, sweep: str | None, resume: ResumeMode,
+    def __init__(self, command: Sequence[str], *, run_id: str | None, sweep: str | None, resume: ResumeMode | None,
                  heartbeat: float, force: bool, nats_url: str | None, drain: float = 3.0,
                  stderr: TextIO = sys.stderr) -> None:
         self.command = list(command)
@@ -60,6 +61,12 @@ class Wrapper:
         self.proc: asyncio.subprocess.Process | None = None
         self.handle: AsyncRunHandle | None = None
         self.killed_by: str | None = None
+        # a batch scheduler (Slurm): the run's id, resume mode and attempt, and why it stopped the job
+        self.scheduler = schedulers.detect(os.environ)
+        self.verdict: asyncio.Task[schedulers.Verdict | None] | None = None
+        if self.scheduler is not None:
+            self.run_id = self.run_id or self.scheduler.run_id
+            self.resume = self.resume or self.scheduler.resume
 
     def say(self, message: str) -> None:
         print(f"ledger run: {message}", file=self.stderr, flush=True)
@@ -67,6 +74,7 @@ class Wrapper:
     async def main(self) -> int:
         generated = self.run_id is None
         run_id = self.run_id or new_id()
+        resume: ResumeMode = self.resume or "never"
         ledger = await AsyncLedger.connect(self.nats_url)
         if generated:
             self.say(f"run id {run_id}")
@@ -88,8 +96,10 @@ class Wrapper:
         ledger.outbox.adopt(owner_of(self.proc.pid))
         try:
             self.handle = await ledger.start_run(
-                run_id, sweep=self.sweep, resume=self.resume, force=self.force, heartbeat=self.heartbeat,
-                command=self.command, pid=self.proc.pid)
+                run_id, sweep=self.sweep, resume=resume, force=self.force, heartbeat=self.heartbeat,
+                command=self.command, pid=self.proc.pid,
+                attempt=self.scheduler.attempt if self.scheduler else None,
+                scheduler=self.scheduler.details if self.scheduler else None)
         except BaseException:
             os.close(gate_write)  # the gate exits 125 without running CMD
             await self.proc.wait()
@@ -100,18 +110,42 @@ class Wrapper:
         os.close(gate_write)
         loop = asyncio.get_running_loop()
         for sig in FORWARDED:
-            loop.add_signal_handler(sig, self._forward, sig)
+            loop.add_signal_handler(sig, self._on_signal, sig)
         try:
             code = await self.proc.wait()
         finally:
             for sig in FORWARDED:
                 loop.remove_signal_handler(sig)
         exit_code, by_signal = (128 - code, -code) if code < 0 else (code, None)
-        await self.handle.exited(exit_code, by_signal, wait=0)
+        reason = await self._scheduler_verdict(by_signal)
+        await self.handle.exited(exit_code, by_signal, wait=0, reason=reason)
         if not await ledger.close(drain=self.drain):
             self.say(f"NATS did not take every event in {self.drain:g} s; they wait in {ledger.spool.path} "
                      "(sent when a ledger client runs again, or by `ledger sync`)")
         return exit_code
+
+    def _on_signal(self, sig: int) -> None:
+        self._forward(sig)  # the child first, never delayed
+        if sig == signal.SIGTERM:
+            self._ask_scheduler(sig)
+
+    def _ask_scheduler(self, sig: int) -> None:
+        """Start finding out from the scheduler why it sent ``sig`` (once; the exit awaits it)."""
+        if self.scheduler is not None and self.verdict is None and self.killed_by is None:
+            self.verdict = asyncio.get_running_loop().create_task(self.scheduler.why_stopped(sig))
+
+    async def _scheduler_verdict(self, by_signal: int | None) -> str | None:
+        """The reason for ``run.exited`` from the scheduler (bounded wait); a preemption is marked first."""
+        if by_signal is not None:
+            self._ask_scheduler(by_signal)  # a SIGTERM the child got straight from the scheduler, or an OOM kill
+        if self.verdict is None or self.handle is None:
+            return None
+        verdict = await schedulers.settle(self.verdict)
+        if verdict is None:
+            return None
+        if verdict.preempted:
+            await self.handle.mark_preempting(wait=0)  # sent before the exit: rule 7 makes it preempted
+        return verdict.reason
 
     def _forward(self, sig: int) -> None:
         proc, handle = self.proc, self.handle
