@@ -152,7 +152,7 @@ class Wrapper:
         if proc is None or proc.returncode is not None:
             return
         try:
-            proc.send_signal(sig)
+            os.kill(proc.pid, sig)  # not send_signal: its poll() reaps a child Slurm killed (exit 255)
         except ProcessLookupError:
             return
         if handle is not None:
