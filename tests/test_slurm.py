@@ -24,13 +24,14 @@ from nats.js import JetStreamContext
 from ledger import events as ev
 from ledger.schedulers import Verdict, detect
 from ledger.schedulers.slurm import Slurm, classify, oom_kills
-from ledger.server import free_port
+from ledger.server import EmbeddedNats, free_port
 from projections.projector import Projector
 from projections.queries import history
 from projections.store import open_db
 from tests.jobs import async_wait_until, run_events, run_state
 
 LEDGER_BIN = Path(sys.executable).parent / "ledger"
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "slurm"
 CLUSTER = "ledgertest"
 SCHEDULE_S = 120.0
 """Slurm is slow to schedule and to notice a time limit (its check runs every 30 s)."""
@@ -63,6 +64,8 @@ JobRequeue=1
 KillWait=30
 MinJobAge=600
 MpiDefault=none
+JobSubmitPlugins=lua
+TaskProlog={dir}/task_prolog.sh
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 NodeName={host} NodeAddr=127.0.0.1 CPUs=8 RealMemory=1000 State=UNKNOWN
@@ -79,7 +82,7 @@ class SlurmCluster:
     env: dict[str, str]
 
     def cmd(self, *args: str, check: bool = True) -> str:
-        done = subprocess.run(args, env=self.env, capture_output=True, text=True, timeout=60)
+        done = subprocess.run(args, env=self.env, capture_output=True, text=True, timeout=60, check=False)
         if check and done.returncode != 0:
             raise AssertionError(f"{' '.join(args)} failed: {done.stderr.strip()}")
         return done.stdout.strip()
@@ -114,8 +117,11 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
 
 
 @pytest.fixture(scope="module")
-def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
-    """munged, slurmctld and slurmd of our own, up until the node is idle; all stopped at teardown."""
+def slurm(tmp_path_factory: pytest.TempPathFactory, nats_server: EmbeddedNats) -> Iterator[SlurmCluster]:
+    """munged, slurmctld and slurmd of our own, up until the node is idle; all stopped at teardown.
+
+    The site wiring of deploy/slurm is installed as the README says (job_submit.lua next to
+    slurm.conf, task_prolog.sh as TaskProlog), with this venv's ``ledger`` and the test's NATS."""
     if os.geteuid() != 0:
         pytest.skip("the Slurm tests start slurmctld/slurmd/munged and need root")
     for tool in ("munged", "slurmctld", "slurmd", "sbatch", "scontrol"):
@@ -128,10 +134,17 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
     key.chmod(0o600)
     host = socket.gethostname().split(".")[0]
     conf = base / "slurm.conf"
+    lua = (DEPLOY / "job_submit.lua").read_text().replace("/opt/run-ledger/bin/ledger", str(LEDGER_BIN))
+    (base / "job_submit.lua").write_text(lua)
+    prolog = base / "task_prolog.sh"
+    prolog.write_text((DEPLOY / "task_prolog.sh").read_text().replace("nats://ledger.example.org:4222",
+                                                                       nats_server.url))
+    prolog.chmod(0o755)
     conf.write_text(SLURM_CONF.format(cluster=CLUSTER, host=host, dir=base, ctld_port=free_port(),
                                       slurmd_port=free_port()))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LEDGER_"))}
     env["SLURM_CONF"] = str(conf)
+    env["LEDGER_SPOOL"] = str(base / "spool.db")  # sbatch passes it on; the TaskProlog keeps a job's own
     cluster = SlurmCluster(base, env)
     procs: list[subprocess.Popen[bytes]] = []
     logs = open(base / "daemons.out", "wb")
@@ -254,6 +267,16 @@ class TestUnderSlurm:
         started = [e for e in await run_events(js, f"slurm-{CLUSTER}-{job}_2") if isinstance(e, ev.RunStarted)]
         assert ("auto", job, "2") == (started[0].resume, started[0].scheduler["array_job_id"],  # type: ignore[index]
                                       started[0].scheduler["array_task_id"])  # type: ignore[index]
+
+    async def test_site_wiring_records_a_plain_batch_script(self, cluster: SlurmCluster, js: JetStreamContext,
+                                                            tmp_path: Path) -> None:
+        """With deploy/slurm's job_submit.lua and TaskProlog, a script that never mentions the ledger is a run."""
+        job = cluster.submit("#!/bin/bash\necho working\nexit 3\n", tmp_path)
+        run_id = f"slurm-{CLUSTER}-{job}"
+        await wait_state(js, run_id, "failed")
+        assert ("failed", "exit code 3") == (await run_history(js, tmp_path, run_id))[-1]
+        started = [e for e in await run_events(js, run_id) if isinstance(e, ev.RunStarted)]
+        assert [(1, "auto")] == [(e.attempt, e.resume) for e in started]
 
     async def test_time_limit_is_failed(self, cluster: SlurmCluster, js: JetStreamContext, nats_url: str,
                                         tmp_path: Path) -> None:

@@ -40,14 +40,21 @@ class Verdict:
 class Scheduler(Protocol):
     """What the wrapper needs from a scheduler."""
 
-    run_id: str
-    """The run's id when ``--run-id`` is not given: the same for every incarnation of the job."""
-    resume: ResumeMode
-    """The resume mode when ``--resume`` is not given."""
-    attempt: int | None
-    """The attempt this incarnation of the job is, when the scheduler knows (a restart count + 1)."""
-    details: dict[str, Any]
-    """What ``run.started`` records of the job (its ``scheduler`` field)."""
+    @property
+    def run_id(self) -> str:
+        """The run's id when ``--run-id`` is not given: the same for every incarnation of the job."""
+
+    @property
+    def resume(self) -> ResumeMode:
+        """The resume mode when ``--resume`` is not given."""
+
+    @property
+    def attempt(self) -> int | None:
+        """The attempt this incarnation of the job is, when the scheduler knows (a restart count + 1)."""
+
+    @property
+    def details(self) -> dict[str, Any]:
+        """What ``run.started`` records of the job (its ``scheduler`` field)."""
 
     async def why_stopped(self, signum: int) -> Verdict | None:
         """Why the job got ``signum`` (or died of it), or None when it was not the scheduler's doing."""
