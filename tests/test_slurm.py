@@ -16,18 +16,22 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from nats.js import JetStreamContext
 
 from ledger import events as ev
+from ledger.decide import StartRefused, decide_start
+from ledger.machine import Run, evolve, new_run
 from ledger.schedulers import Verdict, detect
 from ledger.schedulers.slurm import Slurm, classify, oom_kills
 from ledger.server import EmbeddedNats, free_port
 from projections.projector import Projector
 from projections.queries import history
 from projections.store import open_db
+from tests.factory import at, exited, heartbeat, preempting, started
 from tests.jobs import async_wait_until, run_events, run_state
 
 LEDGER_BIN = Path(sys.executable).parent / "ledger"
@@ -346,3 +350,33 @@ class TestSlurmEnvironment:
         v2.write_text("0::/job/x\n")
         v1.write_text("9:pids:/\n4:memory:/slurm/job_3\n0::/\n")
         assert (2, 1) == (oom_kills(tmp_path, v2), oom_kills(tmp_path, v1))
+
+
+class TestSchedulerAttempt:
+    """``decide_start`` with the attempt a scheduler asks for (Slurm: restart count + 1)."""
+
+    def fold(self, *events: ev.AnyRunEvent) -> Run:
+        run = new_run(events[0])
+        for event in events:
+            run = evolve(run, event)
+        return run
+
+    def test_requeued_job_starts_its_attempt(self) -> None:
+        """A requeued job's start (restart count 1) of its preempted run is attempt 2."""
+        run = self.fold(started("r", attempt=1), preempting("r", attempt=1), exited("r", 143, signal=15, attempt=1))
+        assert 2 == decide_start(run, "r", "auto", now=at(10), fresh_within=timedelta(seconds=300), attempt=2)
+
+    def test_higher_attempt_takes_over_a_run_whose_node_died(self) -> None:
+        """A run still `running` with a fresh heartbeat is no live twin for a higher attempt: its job was requeued."""
+        run = self.fold(started("r", attempt=1), heartbeat("r", t=5, attempt=1))
+        assert 2 == decide_start(run, "r", "auto", now=at(10), fresh_within=timedelta(seconds=300), attempt=2)
+        with pytest.raises(StartRefused) as refused:
+            decide_start(run, "r", "auto", now=at(10), fresh_within=timedelta(seconds=300))
+        assert "run-alive" == refused.value.rule
+
+    def test_stale_attempt_is_refused(self) -> None:
+        """A start asking for an attempt the run already started comes from an old incarnation: refused."""
+        run = self.fold(started("r", attempt=1), exited("r", 0, attempt=1))
+        with pytest.raises(StartRefused) as refused:
+            decide_start(run, "r", "auto", now=at(10), fresh_within=timedelta(seconds=300), attempt=1)
+        assert "attempt-stale" == refused.value.rule
