@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -25,14 +26,14 @@ from nats.js import JetStreamContext
 from ledger import events as ev
 from ledger.decide import StartRefused, decide_start
 from ledger.machine import Run, evolve, new_run
-from ledger.schedulers import Verdict, detect
+from ledger.schedulers import SETTLE_S, Verdict, detect
 from ledger.schedulers.slurm import Slurm, classify, oom_kills
 from ledger.server import EmbeddedNats, free_port
 from projections.projector import Projector
 from projections.queries import history
 from projections.store import open_db
 from tests.factory import at, exited, heartbeat, preempting, started
-from tests.jobs import async_wait_until, run_events, run_state
+from tests.jobs import async_wait_until, job_env, ledger_run, run_events, run_state
 
 LEDGER_BIN = Path(sys.executable).parent / "ledger"
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "slurm"
@@ -380,3 +381,48 @@ class TestSchedulerAttempt:
         with pytest.raises(StartRefused) as refused:
             decide_start(run, "r", "auto", now=at(10), fresh_within=timedelta(seconds=300), attempt=1)
         assert "attempt-stale" == refused.value.rule
+
+
+CHILD = """
+import pathlib, signal, sys, time
+out = pathlib.Path(sys.argv[1])
+def on_term(signum, frame):
+    (out / "term").write_text(str(time.monotonic()))
+    sys.exit(128 + signum)
+signal.signal(signal.SIGTERM, on_term)
+(out / "ready").touch()
+while True:
+    time.sleep(0.05)
+"""
+
+
+class TestStuckSlurm:
+    async def test_slow_scontrol_never_delays_the_child_nor_breaks_the_exit(
+            self, js: JetStreamContext, nats_url: str, tmp_path: Path) -> None:
+        """With scontrol hanging, the child still gets SIGTERM at once and the exit is recorded after the bounded wait."""
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        (bin_dir / "scontrol").write_text("#!/bin/sh\nexec sleep 120\n")
+        (bin_dir / "scontrol").chmod(0o755)
+        env = job_env(nats_url, tmp_path)
+        env.update({"SLURM_JOB_ID": "77", "SLURM_CLUSTER_NAME": "stuck", "PATH": f"{bin_dir}:{env['PATH']}"})
+        script = tmp_path / "child.py"
+        script.write_text(CHILD)
+        proc = ledger_run(["--", sys.executable, str(script), str(tmp_path)], env)
+        try:
+            await async_wait_until((tmp_path / "ready").exists, 60, "the child to be ready")
+            sent = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            await async_wait_until((tmp_path / "term").exists, 60, "the child's SIGTERM")
+            got = float((tmp_path / "term").read_text())
+            _, err = proc.communicate(timeout=60)
+            ended = time.monotonic()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert 143 == proc.returncode, err
+        assert got - sent < 5.0, "the child's signal waited for the scheduler"
+        assert ended - sent < SETTLE_S + 20, "the exit waited longer than its bound"
+        run = await run_state(js, "slurm-stuck-77")
+        assert ("failed", 143) == (run.state, run.exit_code)  # the child exited 143 itself: no verdict, plain exit
