@@ -152,34 +152,33 @@ def slurm(tmp_path_factory: pytest.TempPathFactory, nats_server: EmbeddedNats) -
     env["LEDGER_SPOOL"] = str(base / "spool.db")  # sbatch passes it on; the TaskProlog keeps a job's own
     cluster = SlurmCluster(base, env)
     procs: list[subprocess.Popen[bytes]] = []
-    logs = open(base / "daemons.out", "wb")
-    try:
-        procs.append(subprocess.Popen(
-            ["munged", "-F", "--force", f"--key-file={key}", f"--socket={base}/munge.sock",
-             f"--pid-file={base}/munged.pid", f"--log-file={base}/munged.log", f"--seed-file={base}/munge.seed"],
-            stdout=logs, stderr=subprocess.STDOUT))
-        _wait(lambda: (base / "munge.sock").exists(), 30, "munged's socket")
-        procs.append(subprocess.Popen(["slurmctld", "-D", "-f", str(conf)], env=env, stdout=logs,
-                                      stderr=subprocess.STDOUT))
-        procs.append(subprocess.Popen(["slurmd", "-D", "-f", str(conf)], env=env, stdout=logs,
-                                      stderr=subprocess.STDOUT))
-
-        def idle() -> bool:
-            for proc in procs:
-                assert proc.poll() is None, f"a Slurm daemon exited: {(base / 'daemons.out').read_text()[-2000:]}"
-            out = cluster.cmd("sinfo", "-h", "-N", "-o", "%T", check=False)
-            return out.split() == ["idle"] * len(out.split()) and bool(out)
-
-        _wait(idle, SCHEDULE_S, "the Slurm node to be idle")
-        yield cluster
-    finally:
+    with open(base / "daemons.out", "wb") as logs:
         try:
-            if procs and procs[-1].poll() is None:
-                cluster.cmd("scancel", "--full", "--user=root", check=False)
-                _wait(lambda: not cluster.jobs(), SCHEDULE_S, "every Slurm job to end")
+            procs.append(subprocess.Popen(
+                ["munged", "-F", "--force", f"--key-file={key}", f"--socket={base}/munge.sock",
+                 f"--pid-file={base}/munged.pid", f"--log-file={base}/munged.log", f"--seed-file={base}/munge.seed"],
+                stdout=logs, stderr=subprocess.STDOUT))
+            _wait(lambda: (base / "munge.sock").exists(), 30, "munged's socket")
+            procs.append(subprocess.Popen(["slurmctld", "-D", "-f", str(conf)], env=env, stdout=logs,
+                                          stderr=subprocess.STDOUT))
+            procs.append(subprocess.Popen(["slurmd", "-D", "-f", str(conf)], env=env, stdout=logs,
+                                          stderr=subprocess.STDOUT))
+
+            def idle() -> bool:
+                for proc in procs:
+                    assert proc.poll() is None, f"a Slurm daemon exited: {(base / 'daemons.out').read_text()[-2000:]}"
+                out = cluster.cmd("sinfo", "-h", "-N", "-o", "%T", check=False)
+                return out.split() == ["idle"] * len(out.split()) and bool(out)
+
+            _wait(idle, SCHEDULE_S, "the Slurm node to be idle")
+            yield cluster
         finally:
-            _stop(procs)
-            logs.close()
+            try:
+                if procs and procs[-1].poll() is None:
+                    cluster.cmd("scancel", "--full", "--user=root", check=False)
+                    _wait(lambda: not cluster.jobs(), SCHEDULE_S, "every Slurm job to end")
+            finally:
+                _stop(procs)
 
 
 @pytest.fixture
@@ -311,7 +310,8 @@ class TestClassify:
         ("TIMEOUT", "TimeLimit", 0, None, Verdict("time-limit")),
         ("OUT_OF_MEMORY", "OutOfMemory", 0, None, Verdict("oom")),
         ("RUNNING", "None", 0, None, None),
-    ], ids=lambda v: repr(v) if v is not None else "-")
+    ], ids=["requeue", "requeue-without-notice", "preemption", "preempted-state", "scancel", "cancelled-state",
+            "time-limit", "timeout-state", "oom", "still-running"])
     def test_record(self, state: str, reason: str, restarts: int, notice: str | None, expected: Verdict | None) -> None:
         """Each way Slurm stops a job maps to the contract's outcome."""
         assert expected == classify(RECORD.format(state=state, reason=reason, restarts=restarts), 0, notice)
