@@ -93,6 +93,9 @@ class Wrapper:
             pass_fds=(gate_read,), env=env, process_group=0,
         )
         os.close(gate_read)
+        loop = asyncio.get_running_loop()
+        for sig in FORWARDED:  # from the spawn on: a job stopped while it starts (Slurm's SIGTERM) is recorded too
+            loop.add_signal_handler(sig, self._on_signal, sig)
         ledger.outbox.adopt(owner_of(self.proc.pid))
         try:
             self.handle = await ledger.start_run(
@@ -106,11 +109,11 @@ class Wrapper:
             await ledger.close(drain=self.drain)
             raise
         await self._watch_kills(ledger, run_id)
-        os.write(gate_write, f"{self.handle.attempt or ''}\n".encode())
+        try:
+            os.write(gate_write, f"{self.handle.attempt or ''}\n".encode())
+        except BrokenPipeError:
+            pass  # the gate died of a signal forwarded while starting: its exit is recorded below
         os.close(gate_write)
-        loop = asyncio.get_running_loop()
-        for sig in FORWARDED:
-            loop.add_signal_handler(sig, self._on_signal, sig)
         try:
             code = await self.proc.wait()
         finally:

@@ -202,7 +202,12 @@ async def wait_state(js: JetStreamContext, run_id: str, state: str, attempt: int
         run = await run_state(js, run_id)
         return run is not None and (run.state, run.attempt) == (state, attempt)
 
-    await async_wait_until(reached, SCHEDULE_S, f"run {run_id} {state} (attempt {attempt})")
+    try:
+        await async_wait_until(reached, SCHEDULE_S, f"run {run_id} {state} (attempt {attempt})")
+    except AssertionError as exc:
+        seen = [(ev.tag_of(e), getattr(e, "exit_code", None), getattr(e, "reason", None))
+                for e in await run_events(js, run_id) if not isinstance(e, ev.RunHeartbeat)]
+        raise AssertionError(f"{exc}; the run's events: {seen}") from None
 
 
 async def run_history(js: JetStreamContext, tmp_path: Path, run_id: str) -> list[tuple[str, str | None]]:
