@@ -173,7 +173,8 @@ class AsyncLedger:
                   "scheduler": scheduler}
         js = self.connection.js if self.connected else None
         if js is None:
-            event = ev.RunStarted(id=new_id(), at=now(), run_id=run_id, attempt=attempt, **fields)  # type: ignore[arg-type]
+            event = ev.RunStarted(id=new_id(), at=now(), run_id=run_id, attempt=attempt,
+                                  **fields)  # type: ignore[arg-type]
             await self.publish(event, wait=0)
             handle = AsyncRunHandle(self, run_id, attempt, sweep, heartbeat_every=heartbeat)
         else:

@@ -51,9 +51,9 @@ SWEEP_STATES: Final[tuple[SweepState, ...]] = SweepState.__args__  # type: ignor
 TERMINAL: Final = frozenset({"finished", "failed", "killed"})
 """Terminal until a resume starts a new attempt."""
 ALIVE: Final = frozenset({"initializing", "running", "stopping"})
+"""States the liveness monitor watches."""
 FAILURE_REASONS: Final = frozenset({"time-limit", "oom"})
 """An exit by signal with one of these reasons is ``failed``: the job broke a limit, nobody killed it."""
-"""States the liveness monitor watches."""
 SWEEP_TERMINAL: Final = frozenset({"cancelled", "finished", "failed", "crashed"})
 SWEEP_CLOSED: Final = frozenset({"paused", "stopped"}) | SWEEP_TERMINAL
 """A sweep in one of these takes no new runs."""
@@ -190,10 +190,8 @@ def _unfenced(run: Run, event: AnyRunEvent) -> Run:
             code = {"exit_code": event.exit_code, "signal": event.signal or run.signal}
             if run.preempting and abnormal:
                 return _ended(run, "preempted", event.at, **code)
-            if event.signal is not None and event.reason not in FAILURE_REASONS:
-                return _ended(run, "killed", event.at, **code)
-            if event.signal is not None:
-                return _ended(run, "failed", event.at, **code)
+            if event.signal is not None:  # killed, unless the reason names a broken limit
+                return _ended(run, "failed" if event.reason in FAILURE_REASONS else "killed", event.at, **code)
             return _ended(run, "finished" if event.exit_code == 0 else "failed", event.at, **code)
         case RunKilled():
             return run if run.terminal else _ended(run, "killed", event.at)

@@ -404,7 +404,7 @@ while True:
 class TestStuckSlurm:
     async def test_slow_scontrol_never_delays_the_child_nor_breaks_the_exit(
             self, js: JetStreamContext, nats_url: str, tmp_path: Path) -> None:
-        """With scontrol hanging, the child still gets SIGTERM at once and the exit is recorded after the bounded wait."""
+        """With scontrol hanging, the child gets SIGTERM at once and the exit is recorded after the bounded wait."""
         bin_dir = tmp_path / "bin"
         bin_dir.mkdir()
         (bin_dir / "scontrol").write_text("#!/bin/sh\nexec sleep 120\n")

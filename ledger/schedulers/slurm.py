@@ -8,8 +8,8 @@ So at SIGTERM, ``scontrol show job -o $SLURM_JOB_ID`` tells the cases apart:
 
 | Slurm says | verdict |
 |---|---|
-| ``Restarts`` above this incarnation's ``SLURM_RESTART_COUNT`` | requeued: ``slurm-requeue``, or ``slurm-preempt`` when the notice says PREEMPTION |
-| ``JobState=PREEMPTED`` | ``slurm-preempt`` |
+| ``JobState=PREEMPTED``, or the notice says PREEMPTION | ``slurm-preempt`` |
+| ``Restarts`` above this incarnation's ``SLURM_RESTART_COUNT`` | ``slurm-requeue`` |
 | ``Reason=TimeLimit`` or ``JobState=TIMEOUT`` | ``time-limit`` |
 | ``JobState=OUT_OF_MEMORY`` | ``oom`` |
 | ``JobState=CANCELLED``/``COMPLETING`` (the job is ending, none of the above) | ``scancel`` |
