@@ -107,10 +107,11 @@ class AsyncRunHandle:
     async def idle(self, reason: str | None = None) -> None:
         await self._publish(self._event(ev.RunIdle, reason=reason), wait=None)
 
-    async def exited(self, exit_code: int, signal: int | None = None, *, wait: float = 5.0) -> None:
-        """Record the end of the process; waits (bounded) until it is sent or spooled."""
+    async def exited(self, exit_code: int, signal: int | None = None, *, wait: float = 5.0,
+                     reason: str | None = None) -> None:
+        """Record the end of the process (and why, when known); waits (bounded) until it is sent or spooled."""
         await self.stop_heartbeats()
-        await self._publish(self._event(ev.RunExited, exit_code=exit_code, signal=signal), wait=wait)
+        await self._publish(self._event(ev.RunExited, exit_code=exit_code, signal=signal, reason=reason), wait=wait)
 
     def start_heartbeats(self) -> None:
         if self.heartbeat_every and self._beats is None:
@@ -188,30 +189,37 @@ class AsyncLedger:
     async def start_run(self, run_id: str | None = None, *, sweep: str | None = None, resume: ResumeMode = "never",
                         force: bool = False, heartbeat: float | None = DEFAULT_HEARTBEAT_S,
                         fresh_within: float = DEFAULT_FRESH_WITHIN_S, config: dict[str, Any] | None = None,
-                        command: list[str] | None = None, pid: int | None = None) -> AsyncRunHandle:
+                        command: list[str] | None = None, pid: int | None = None,
+                        attempt: int | None = None, scheduler: dict[str, Any] | None = None) -> AsyncRunHandle:
         """Publish ``run.started`` under the resume rules and return the run's handle.
 
         Raises ResumeRefused (nothing appended) when the resume table, a live
         twin, or a closed sweep forbids the start. With NATS unreachable the
-        start is spooled unchecked (there is nothing to check against).
+        start is spooled unchecked (there is nothing to check against). ``attempt`` and
+        ``scheduler`` come from a batch scheduler (``ledger.schedulers``): the attempt it
+        knows, and what it says of the job.
         """
         run_id = check_entity_id(run_id or new_id(), "run id")
         if sweep is not None:
             check_entity_id(sweep, "sweep id")
         fields = {"sweep_id": sweep, "resume": resume, "host": HOST, "pid": pid if pid is not None else os.getpid(),
-                  "command": command if command is not None else list(sys.argv), "config": config}
+                  "command": command if command is not None else list(sys.argv), "config": config,
+                  "scheduler": scheduler}
         js = self.connection.js if self.connected else None
         if js is None:
-            event = ev.RunStarted(id=new_id(), at=now(), run_id=run_id, **fields)  # type: ignore[arg-type]
+            event = ev.RunStarted(id=new_id(), at=now(), run_id=run_id, attempt=attempt,
+                                  **fields)  # type: ignore[arg-type]
             await self.publish(event, wait=0)
-            handle = AsyncRunHandle(self, run_id, None, sweep, heartbeat_every=heartbeat)
+            handle = AsyncRunHandle(self, run_id, attempt, sweep, heartbeat_every=heartbeat)
         else:
-            handle = await self._checked_start(js, run_id, sweep, resume, force, fresh_within, fields, heartbeat)
+            handle = await self._checked_start(js, run_id, sweep, resume, force, fresh_within, fields, heartbeat,
+                                               attempt)
         handle.start_heartbeats()
         return handle
 
     async def _checked_start(self, js: Any, run_id: str, sweep: str | None, resume: ResumeMode, force: bool,
-                             fresh_within: float, fields: dict[str, Any], heartbeat: float | None) -> AsyncRunHandle:
+                             fresh_within: float, fields: dict[str, Any], heartbeat: float | None,
+                             requested: int | None = None) -> AsyncRunHandle:
         publisher = self.connection.publisher
         for _ in range(START_RETRIES):
             if publisher is None:
@@ -219,7 +227,7 @@ class AsyncLedger:
             run, last = await load_run(js, run_id)
             sweep_state = (await load_sweep(js, sweep))[0] if sweep is not None else None
             attempt = decide_start(run, run_id, resume, sweep=sweep_state, now=now(),
-                                   fresh_within=timedelta(seconds=fresh_within), force=force)
+                                   fresh_within=timedelta(seconds=fresh_within), force=force, attempt=requested)
             event = ev.RunStarted(id=new_id(), at=now(), run_id=run_id, attempt=attempt, **fields)
             try:
                 seq = await publisher.publish(event, expect_last_subject_seq=last,

@@ -86,7 +86,9 @@ def decide_start(run: Run | None, run_id: str, mode: ResumeMode, *, sweep: Sweep
     _attempt_in_range(attempt)
     _never_reuses_an_id(run, mode)
     _must_find_the_run(run, run_id, mode)
-    _no_twin_processes(run, now, fresh_within, force)
+    # a scheduler's higher attempt proves the old one is over (its process may have died unrecorded)
+    newer = attempt is not None and run is not None and attempt > run.attempt
+    _no_twin_processes(run, now, fresh_within, force or newer)
     _sweep_takes_new_runs(run, sweep)
     _attempt_is_new(run, attempt)
     if run is None:

@@ -73,6 +73,8 @@ class RunStarted(RunEvent, frozen=True, kw_only=True, tag="run.started"):
     pid: Int64 | None = None
     command: list[str] | None = None
     config: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+    """What the batch scheduler says of this attempt (e.g. Slurm's job id, partition, nodes, restarts)."""
 
 
 class RunHeartbeat(RunEvent, frozen=True, kw_only=True, tag="run.heartbeat"):
@@ -110,6 +112,8 @@ class RunExited(RunEvent, frozen=True, kw_only=True, tag="run.exited"):
 
     exit_code: Int64
     signal: Int64 | None = None
+    reason: str | None = None
+    """Why the process ended, when its wrapper found out (e.g. ``time-limit``, ``scancel``)."""
 
 
 class RunKilled(RunEvent, frozen=True, kw_only=True, tag="run.killed"):

@@ -52,6 +52,8 @@ TERMINAL: Final = frozenset({"finished", "failed", "killed"})
 """Terminal until a resume starts a new attempt."""
 ALIVE: Final = frozenset({"initializing", "running", "stopping"})
 """States the liveness monitor watches."""
+FAILURE_REASONS: Final = frozenset({"time-limit", "oom"})
+"""An exit by signal with one of these reasons is ``failed``: the job broke a limit, nobody killed it."""
 SWEEP_TERMINAL: Final = frozenset({"cancelled", "finished", "failed", "crashed"})
 SWEEP_CLOSED: Final = frozenset({"paused", "stopped"}) | SWEEP_TERMINAL
 """A sweep in one of these takes no new runs."""
@@ -245,8 +247,8 @@ def _unfenced(run: Run, event: AnyRunEvent) -> Run:
             code = {"exit_code": event.exit_code, "signal": event.signal or run.signal}
             if run.preempting and abnormal:
                 return _ended(run, "preempted", event.at, **code)
-            if event.signal is not None:
-                return _ended(run, "killed", event.at, **code)
+            if event.signal is not None:  # killed, unless the reason names a broken limit
+                return _ended(run, "failed" if event.reason in FAILURE_REASONS else "killed", event.at, **code)
             return _ended(run, "finished" if event.exit_code == 0 else "failed", event.at, **code)
         case RunKilled():
             return run if run.terminal else _ended(run, "killed", event.at)
@@ -315,6 +317,8 @@ def evolve_sweep(sweep: Sweep, event: AnySweepEvent) -> Sweep:
 def reason_of(event: AnyRunEvent | AnySweepEvent) -> str | None:
     """Why a state changed, for history entries: exit code, signal, stated reason."""
     match event:
+        case RunExited(reason=str(reason)):
+            return reason
         case RunExited(signal=int(sig)):
             return f"signal {sig}"
         case RunExited(exit_code=code):

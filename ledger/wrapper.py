@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from ledger import events as ev
+from ledger import schedulers
 from ledger.client import AsyncLedger, AsyncRunHandle
 from ledger.errors import InvalidEvent, LedgerError
 from ledger.events import ResumeMode
@@ -60,7 +61,7 @@ REFUSED_EXIT = 1
 class Wrapper:
     """One ``ledger run`` invocation."""
 
-    def __init__(self, command: Sequence[str], *, run_id: str | None, sweep: str | None, resume: ResumeMode,
+    def __init__(self, command: Sequence[str], *, run_id: str | None, sweep: str | None, resume: ResumeMode | None,
                  heartbeat: float, force: bool, nats_url: str | None, drain: float = 3.0,
                  stderr: TextIO = sys.stderr) -> None:
         self.command = list(command)
@@ -77,6 +78,12 @@ class Wrapper:
         self.killed_by: str | None = None
         self.terminal: tuple[int, Any] | None = None
         """While the child's group holds the terminal's foreground: its fd, and SIGTTOU's disposition before."""
+        # a batch scheduler (Slurm): the run's id, resume mode and attempt, and why it stopped the job
+        self.scheduler = schedulers.detect(os.environ)
+        self.verdict: asyncio.Task[schedulers.Verdict | None] | None = None
+        if self.scheduler is not None:
+            self.run_id = self.run_id or self.scheduler.run_id
+            self.resume = self.resume or self.scheduler.resume
 
     def say(self, message: str) -> None:
         print(f"ledger run: {message}", file=self.stderr, flush=True)
@@ -84,6 +91,7 @@ class Wrapper:
     async def main(self) -> int:
         generated = self.run_id is None
         run_id = self.run_id or new_id()
+        resume: ResumeMode = self.resume or "never"
         ledger = await AsyncLedger.connect(self.nats_url, report=self.say)
         if generated:
             self.say(f"run id {run_id}")
@@ -103,11 +111,16 @@ class Wrapper:
         )
         os.close(gate_read)
         self._give_terminal(self.proc.pid)
+        loop = asyncio.get_running_loop()
+        for sig in FORWARDED:  # from the spawn on: a job stopped while it starts (Slurm's SIGTERM) is recorded too
+            loop.add_signal_handler(sig, self._on_signal, sig)
         ledger.outbox.adopt(owner_of(self.proc.pid))
         try:
             self.handle = await ledger.start_run(
-                run_id, sweep=self.sweep, resume=self.resume, force=self.force, heartbeat=self.heartbeat,
-                command=self.command, pid=self.proc.pid)
+                run_id, sweep=self.sweep, resume=resume, force=self.force, heartbeat=self.heartbeat,
+                command=self.command, pid=self.proc.pid,
+                attempt=self.scheduler.attempt if self.scheduler else None,
+                scheduler=self.scheduler.details if self.scheduler else None)
         except BaseException:
             os.close(gate_write)  # the gate exits 125 without running CMD
             await self.proc.wait()
@@ -115,11 +128,11 @@ class Wrapper:
             await ledger.close(drain=self.drain)
             raise
         await self._watch_kills(ledger, run_id)
-        os.write(gate_write, f"{self.handle.attempt or ''}\n".encode())
+        try:
+            os.write(gate_write, f"{self.handle.attempt or ''}\n".encode())
+        except BrokenPipeError:
+            pass  # the gate died of a signal forwarded while starting: its exit is recorded below
         os.close(gate_write)
-        loop = asyncio.get_running_loop()
-        for sig in FORWARDED:
-            loop.add_signal_handler(sig, self._forward, sig)
         if self.terminal is not None:
             loop.add_signal_handler(signal.SIGCHLD, self._on_child_stopped)
         try:
@@ -135,9 +148,10 @@ class Wrapper:
     async def _finish(self, ledger: AsyncLedger, exit_code: int, by_signal: int | None) -> None:
         """Record the exit and drain the spool, bounded; a failure is a line on stderr, never an exit code."""
         assert self.handle is not None
+        reason = await self._scheduler_verdict(by_signal)  # bounded (schedulers.settle)
         try:
             async with asyncio.timeout(EXIT_RECORD_S):
-                await self.handle.exited(exit_code, by_signal, wait=0)
+                await self.handle.exited(exit_code, by_signal, wait=0, reason=reason)
         except (LedgerError, TimeoutError) as exc:
             self.say(f"could not record the exit ({exc or 'timed out'}); the child's code stands")
         sent = await ledger.close(drain=self.drain)
@@ -209,12 +223,35 @@ class Wrapper:
         except OSError:
             pass
 
+    def _on_signal(self, sig: int) -> None:
+        self._forward(sig)  # the child first, never delayed
+        if sig == signal.SIGTERM:
+            self._ask_scheduler(sig)
+
+    def _ask_scheduler(self, sig: int) -> None:
+        """Start finding out from the scheduler why it sent ``sig`` (once; the exit awaits it)."""
+        if self.scheduler is not None and self.verdict is None and self.killed_by is None:
+            self.verdict = asyncio.get_running_loop().create_task(self.scheduler.why_stopped(sig))
+
+    async def _scheduler_verdict(self, by_signal: int | None) -> str | None:
+        """The reason for ``run.exited`` from the scheduler (bounded wait); a preemption is marked first."""
+        if by_signal is not None:
+            self._ask_scheduler(by_signal)  # a SIGTERM the child got straight from the scheduler, or an OOM kill
+        if self.verdict is None or self.handle is None:
+            return None
+        verdict = await schedulers.settle(self.verdict)
+        if verdict is None:
+            return None
+        if verdict.preempted:
+            await self.handle.mark_preempting(wait=0)  # sent before the exit: rule 7 makes it preempted
+        return verdict.reason
+
     def _forward(self, sig: int) -> None:
         proc, handle = self.proc, self.handle
         if proc is None or proc.returncode is not None:
             return
         try:
-            os.killpg(proc.pid, sig)  # the whole group: the child's own workers hear it too
+            os.killpg(proc.pid, sig)  # the whole group: its own workers hear it too (not send_signal: its poll() would reap a child the scheduler killed)
         except ProcessLookupError:
             return
         if handle is not None:

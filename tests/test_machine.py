@@ -132,22 +132,23 @@ RUN_EVENTS: dict[str, AnyRunEvent] = {
     "exited(0)": run_event(RunExited, exit_code=0),
     "exited(1)": run_event(RunExited, exit_code=1),
     "exited(sig9)": run_event(RunExited, exit_code=137, signal=9),
+    "exited(sig9,oom)": run_event(RunExited, exit_code=137, signal=9, reason="oom"),
     "killed": run_event(RunKilled, reason="user"),
     "crashed": run_event(RunCrashed, reason="heartbeat-timeout", last_heartbeat_at=T2),
 }
 
 RUN_TABLE = """
-              queued        initializing  started  heartbeat  signalled     preempting    stopping   idle       exited(0)  exited(1)  exited(sig9)  killed    crashed
-pending       pending       initializing  running  running    pending       pending       stopping   idle       finished   failed     killed        killed    pending
-initializing  initializing  initializing  running  running    initializing  initializing  stopping   idle       finished   failed     killed        killed    crashed
-running       running       running       running  running    running       running       stopping   idle       finished   failed     killed        killed    crashed
-stopping      stopping      stopping      running  stopping   stopping      stopping      stopping   idle       finished   failed     killed        killed    crashed
-idle          idle          idle          running  idle       idle          idle          stopping   idle       finished   failed     killed        killed    idle
-finished      finished      finished      running  finished   finished      finished      finished   finished   finished   finished   finished      finished  finished
-failed        failed        failed        running  failed     failed        failed        failed     failed     failed     failed     failed        failed    failed
-crashed       crashed       crashed       running  running    crashed       crashed       stopping   idle       finished   failed     killed        killed    crashed
-killed        killed        killed        running  killed     killed        killed        killed     killed     killed     killed     killed        killed    killed
-preempted     preempted     initializing  running  preempted  preempted     preempted     preempted  preempted  preempted  preempted  preempted     killed    preempted
+              queued        initializing  started  heartbeat  signalled     preempting    stopping   idle       exited(0)  exited(1)  exited(sig9)  exited(sig9,oom)  killed    crashed
+pending       pending       initializing  running  running    pending       pending       stopping   idle       finished   failed     killed        failed            killed    pending
+initializing  initializing  initializing  running  running    initializing  initializing  stopping   idle       finished   failed     killed        failed            killed    crashed
+running       running       running       running  running    running       running       stopping   idle       finished   failed     killed        failed            killed    crashed
+stopping      stopping      stopping      running  stopping   stopping      stopping      stopping   idle       finished   failed     killed        failed            killed    crashed
+idle          idle          idle          running  idle       idle          idle          stopping   idle       finished   failed     killed        failed            killed    idle
+finished      finished      finished      running  finished   finished      finished      finished   finished   finished   finished   finished      finished          finished  finished
+failed        failed        failed        running  failed     failed        failed        failed     failed     failed     failed     failed        failed            failed    failed
+crashed       crashed       crashed       running  running    crashed       crashed       stopping   idle       finished   failed     killed        failed            killed    crashed
+killed        killed        killed        running  killed     killed        killed        killed     killed     killed     killed     killed        killed            killed    killed
+preempted     preempted     initializing  running  preempted  preempted     preempted     preempted  preempted  preempted  preempted  preempted     preempted         killed    preempted
 """
 """Rows: the run's state; columns: the event; cells: the state after it."""
 
@@ -530,6 +531,24 @@ class TestExit:
         """Rule 7: an exit by signal is killed even when its exit code is 0."""
         assert "killed" == evolve(run_in("running"), run_event(RunExited, exit_code=0, signal=15)).state
 
+    @pytest.mark.parametrize(
+        ("reason", "state"),
+        [("time-limit", "failed"), ("oom", "failed"), ("scancel", "killed"), (None, "killed")],
+    )
+    def test_exit_by_signal_with_a_failure_reason_is_failed(self, reason: str | None, state: str) -> None:
+        """Rule 7: an exit by signal whose reason names a broken limit (time-limit, oom) is failed, not killed."""
+        after = evolve(run_in("running"), run_event(RunExited, exit_code=143, signal=15, reason=reason))
+        assert (state, 143, 15) == (after.state, after.exit_code, after.signal)
+
+    def test_preempting_wins_over_a_failure_reason(self) -> None:
+        """Rule 7: a preempting attempt ends preempted whatever reason its exit gives."""
+        event = run_event(RunExited, exit_code=143, signal=15, reason="time-limit")
+        assert "preempted" == evolve(run_in("running", preempting=True), event).state
+
+    def test_failure_reason_without_signal_keeps_the_exit_code_rule(self) -> None:
+        """Rule 7: a reason changes nothing for an exit by code: 0 finished, else failed."""
+        assert "finished" == evolve(run_in("running"), run_event(RunExited, exit_code=0, reason="oom")).state
+
     def test_killed_run_records_exit_and_stays_killed(self) -> None:
         """Rule 7: the exit of a killed run is recorded and the run stays killed."""
         after = evolve(run_in("killed"), RUN_EVENTS["exited(sig9)"])
@@ -646,6 +665,7 @@ class TestReasonOf:
             pytest.param(RUN_EVENTS["exited(1)"], "exit code 1", id="exit-code"),
             pytest.param(RUN_EVENTS["exited(0)"], "exit code 0", id="exit-zero"),
             pytest.param(RUN_EVENTS["exited(sig9)"], "signal 9", id="signal"),
+            pytest.param(RUN_EVENTS["exited(sig9,oom)"], "oom", id="exit-reason"),
             pytest.param(run_event(RunKilled, reason="sweep-cancelled", cause="c-1"), "sweep-cancelled", id="killed"),
             pytest.param(RUN_EVENTS["crashed"], "heartbeat-timeout", id="crashed"),
             pytest.param(run_event(RunIdle, reason="protected"), "protected", id="idle"),

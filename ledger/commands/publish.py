@@ -110,8 +110,8 @@ async def _publish_once(url: str, subject: str, payload: bytes, event_id: str) -
 @click.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.option("--run-id", default=None, help="The run's id (1-128 of [A-Za-z0-9_-]); a fresh ULID if omitted.")
 @click.option("--sweep", default=None, help="The sweep this run belongs to.")
-@click.option("--resume", type=click.Choice(["never", "allow", "must", "auto"]), default="never", show_default=True,
-              help="What to do when the run id exists (CONTRACT section 2).")
+@click.option("--resume", type=click.Choice(["never", "allow", "must", "auto"]), default=None,
+              help="What to do when the run id exists (CONTRACT section 2).  [default: never; auto inside Slurm]")
 @click.option("--heartbeat", default=30.0, show_default=True, type=click.FloatRange(min=0.05),
               help="Seconds between heartbeats while CMD lives.")
 @click.option("--force", is_flag=True, help="Start even if the run is alive with a fresh heartbeat elsewhere.")
@@ -119,7 +119,7 @@ async def _publish_once(url: str, subject: str, payload: bytes, event_id: str) -
               help="Seconds to wait at the end for NATS to take spooled events.")
 @nats_url_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def run(run_id: str | None, sweep: str | None, resume: str, heartbeat: float, force: bool, drain: float,
+def run(run_id: str | None, sweep: str | None, resume: str | None, heartbeat: float, force: bool, drain: float,
         nats_url: str | None, command: tuple[str, ...]) -> None:
     """Run CMD as a child and publish its lifecycle: ledger run [OPTIONS] -- CMD ...
 
