@@ -37,11 +37,16 @@ def _must_find_the_run(run: Run | None, run_id: str, mode: ResumeMode) -> None:
         raise StartRefused("resume-must", f"run {run_id!r} does not exist, and --resume must needs it to")
 
 
-def _no_twin_processes(run: Run | None, now: datetime, fresh_within: timedelta, force: bool) -> None:
+def _no_twin_processes(run: Run | None, now: datetime, fresh_within: timedelta, force: bool,
+                       attempt: int | None) -> None:
     """Two processes must not share one run id by accident: a live run is taken.
 
     ``initializing`` is not taken: it is how a claimed run from a sweep's queue waits for its agent.
+    A scheduler asking for a higher attempt than the live one is no accident: it restarted the
+    job, so the old attempt is over (its process may have died unrecorded, with its node).
     """
+    if attempt is not None and run is not None and attempt > run.attempt:
+        return
     if run is None or force or run.state not in ("running", "stopping"):
         return
     last = max((t for t in (run.last_heartbeat_at, run.started_at) if t is not None), default=None)
@@ -86,9 +91,7 @@ def decide_start(run: Run | None, run_id: str, mode: ResumeMode, *, sweep: Sweep
     _attempt_in_range(attempt)
     _never_reuses_an_id(run, mode)
     _must_find_the_run(run, run_id, mode)
-    # a scheduler's higher attempt proves the old one is over (its process may have died unrecorded)
-    newer = attempt is not None and run is not None and attempt > run.attempt
-    _no_twin_processes(run, now, fresh_within, force or newer)
+    _no_twin_processes(run, now, fresh_within, force, attempt)
     _sweep_takes_new_runs(run, sweep)
     _attempt_is_new(run, attempt)
     if run is None:

@@ -67,13 +67,14 @@ class TestRequestedAttempt:
             decide(None, 2, mode="must")
         assert ("resume-never", "resume-must") == (never.value.rule, must.value.rule)
 
-    def test_live_twin_still_refused(self) -> None:
-        """A run running with a fresh heartbeat is taken, whatever attempt is requested, unless forced."""
+    def test_live_twin_refused_unless_a_higher_attempt(self) -> None:
+        """A run running with a fresh heartbeat is taken by a start that names no attempt (unless forced);
+        a scheduler's higher attempt means it restarted the job, and takes over."""
         live = replace(run_in("running"), last_heartbeat_at=NOW - timedelta(seconds=5))
         with pytest.raises(StartRefused) as refused:
-            decide(live, 2)
-        forced = decide_start(live, "r1", "auto", now=NOW, fresh_within=FRESH, force=True, attempt=2)
-        assert ("run-alive", 2) == (refused.value.rule, forced)
+            decide(live, None)
+        forced = decide_start(live, "r1", "auto", now=NOW, fresh_within=FRESH, force=True)
+        assert ("run-alive", 2, 3) == (refused.value.rule, forced, decide(live, 3))
 
     @pytest.mark.parametrize("state", ["pending", "running", "preempted", "killed", "finished"])
     @pytest.mark.parametrize("requested", [None, 1, 2, 3])
