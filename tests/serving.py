@@ -35,15 +35,19 @@ class Served:
 
 
 @contextlib.asynccontextmanager
-async def serve(js: JetStreamContext, db_path: Path, *, token: str | None = None) -> AsyncIterator[Served]:
-    """A projector and the API (with the web view) over one views database, as ``ledger up`` runs them."""
+async def serve(js: JetStreamContext, db_path: Path, *, token: str | None = None,
+                project: bool = True) -> AsyncIterator[Served]:
+    """A projector and the API (with the web view) over one views database, as ``ledger up`` runs them
+    (``project=False``: the API alone, over views that then stay as they are)."""
     notifier = SeqNotifier()
     port = free_port()
     state = ApiState(db_path, notifier=notifier, js=js, http_token=token)
     server = api_server(state, "127.0.0.1", port)
-    ready = Started()
-    projector = asyncio.create_task(Projector(js, db_path, notifier=notifier, idle_poll=0.2).run(task_status=ready))
-    await ready.wait()
+    projector: asyncio.Task[int] | None = None
+    if project:
+        ready = Started()
+        projector = asyncio.create_task(Projector(js, db_path, notifier=notifier, idle_poll=0.2).run(task_status=ready))
+        await ready.wait()
     serving = asyncio.create_task(server.serve())
     try:
         async with asyncio.timeout(10):
@@ -54,7 +58,8 @@ async def serve(js: JetStreamContext, db_path: Path, *, token: str | None = None
         server.should_exit = True
         async with asyncio.timeout(30):
             await serving
-        await stop_task(projector)
+        if projector is not None:
+            await stop_task(projector)
 
 
 _ids = itertools.count(1)

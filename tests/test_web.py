@@ -4,6 +4,7 @@ pages, live updates, actions, the HTTP token, and the OpenAPI document."""
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from ledger.publisher import Publisher
 from ledger.server import free_port
 from ledger.stream import PullReader, stream_last_seq
 from projections.auth import is_loopback
+from projections.projector import Projector
 from tests.factory import exited, heartbeat, started, sweep
 from tests.jobs import Up, ledger, run_events, types
 from tests.serving import CHROMIUM, CHROMIUM_ARGS, seed_demo, serve
@@ -139,10 +141,12 @@ class TestPages:
         assert "not JSON" in page.text
 
     async def test_screenshots(self, browser: Browser, js: JetStreamContext, publisher: Publisher,
-                               db_path: Path) -> None:
-        """The README's screenshots are taken from the real pages over a realistic ledger."""
+                               db_path: Path, tmp_path: Path) -> None:
+        """The README's screenshots are taken from the real pages over a realistic ledger (into
+        docs/screenshots with LEDGER_SCREENSHOTS=1, so that an ordinary run leaves the tree as it was)."""
+        shots = SCREENSHOTS if os.environ.get("LEDGER_SCREENSHOTS") == "1" else tmp_path
         seq = await seed_demo(publisher)
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        shots.mkdir(parents=True, exist_ok=True)
         async with serve(js, db_path) as served, opened(browser, served.url) as watched:
             await served.state.notifier.wait_for(seq, 20)
             page = watched.page
@@ -154,12 +158,12 @@ class TestPages:
             ]:
                 await page.goto(served.url + path)
                 await page.locator(ready).first.wait_for(timeout=SLOW_MS)
-                await page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=name != "runs")
+                await page.screenshot(path=str(shots / f"{name}.png"), full_page=name != "runs")
                 contents[name] = await page.content()
         assert 'class="gap"' in contents["run"]  # the preemption left a heartbeat gap
         assert [] == watched.errors and [] == watched.foreign
         for name in ("runs", "run", "sweep"):
-            assert (SCREENSHOTS / f"{name}.png").stat().st_size > 10_000
+            assert (shots / f"{name}.png").stat().st_size > 10_000
 
 
 class TestActions:
@@ -186,17 +190,19 @@ class TestActions:
 
     async def test_refusal_is_shown(self, browser: Browser, js: JetStreamContext, publisher: Publisher,
                                     db_path: Path) -> None:
-        """An action the ledger refuses shows the CLI's one-line refusal and appends nothing."""
-        seq = await publisher.publish(started("r1", sweep_id="ghost"))
-        async with serve(js, db_path) as served, opened(browser, served.url) as watched:
+        """An action the ledger refuses shows the CLI's one-line refusal and appends nothing: the page
+        (from views that have not seen the cancel yet) offers Pause, the stream says cancelled."""
+        await publisher.publish(sweep(ev.SweepCreated, "s9"))
+        await Projector(js, db_path, idle_poll=0.2).run(until_idle=True)
+        await publisher.publish(sweep(ev.SweepCancelled, "s9", t=1))
+        async with serve(js, db_path, project=False) as served, opened(browser, served.url) as watched:
             page = watched.page
-            await served.state.notifier.wait_for(seq, 10)
-            await page.goto(served.url + "/web/sweeps/ghost")
+            await page.goto(served.url + "/web/sweeps/s9")
             await page.get_by_role("button", name="Pause").click()
             flash = page.locator("#flash.refused")
-            await expect(flash).to_have_text("unknown sweep 'ghost': create it first", timeout=SLOW_MS)
+            await expect(flash).to_have_text("cannot pause sweep 's9': it is cancelled", timeout=SLOW_MS)
         assert [] == [e for e in watched.errors if "409" not in e]  # the browser logs the refusal's status
-        assert [] == await _sweep_types(js, "ghost")
+        assert ["sweep.created", "sweep.cancelled"] == await _sweep_types(js, "s9")
 
     async def test_cross_site_and_remote_without_token_are_refused(self, js: JetStreamContext,
                                                                    publisher: Publisher, db_path: Path) -> None:
