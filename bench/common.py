@@ -142,7 +142,7 @@ def cpu_model() -> str:
 
 def nats_server_version(*, timeout: float | None = 10, best_effort: bool = True) -> str:
     """``nats-server --version``; when ``best_effort``, "unknown (why)" rather than an exception."""
-    from ledger.server import nats_server_binary
+    from ledger.nats.server import nats_server_binary
 
     try:
         return subprocess.run([nats_server_binary(), "--version"], capture_output=True, text=True,
@@ -215,11 +215,11 @@ class RawCeiling:
 
     @staticmethod
     def modules() -> tuple[Any, Any]:
-        """``msgspec`` and ``ledger.events``, imported (replay.py's ceiling child imports them first
+        """``msgspec`` and ``ledger.core.events``, imported (replay.py's ceiling child imports them first
         thing, before it connects, as its memory after imports has always been measured)."""
         import msgspec
 
-        from ledger import events
+        from ledger.core import events
 
         return msgspec, events
 
@@ -237,7 +237,7 @@ class RawCeiling:
         """Read seqs 1..``total`` with ``reader_cls(js, 1)`` into the table: (seconds from the reader's
         creation to the last commit, last seq committed). An empty batch after ``timeout`` s raises
         ``stalled(last seq committed)``."""
-        from ledger.events import RunEvent
+        from ledger.core.events import RunEvent
 
         decode, con = self.decode, self.con
         insert = "INSERT INTO events (seq, entity_id, type, payload) VALUES (?, ?, ?, ?)"
@@ -273,3 +273,86 @@ class RawCeiling:
     def close(self) -> None:
         """Close the database."""
         self.con.close()
+
+
+# --------------------------------------------------------------------------- a ceiling's reader
+
+from collections import deque  # noqa: E402
+
+from nats.aio.msg import Msg  # noqa: E402
+from nats.js import JetStreamContext, api  # noqa: E402
+
+from ledger.nats.stream import STREAM, StreamMessage, ns_to_datetime, parse_js_reply  # noqa: E402
+
+
+class OrderedReader:
+    """An ordered push consumer from ``start_seq``, buffered into batches.
+
+    Messages arrive in stream order; the buffer holds at most ``max_buffer``
+    messages, beyond which the subscription callback waits (flow control
+    then holds the server back).
+    """
+
+    def __init__(self, js: JetStreamContext, start_seq: int, *, stream: str = STREAM,
+                 subject: str = "ledger.>", max_buffer: int = 20_000) -> None:
+        self.js = js
+        self.start_seq = max(1, start_seq)
+        self.stream = stream
+        self.subject = subject
+        self.max_buffer = max_buffer
+        self._buffer: deque[Msg] = deque()
+        self._arrived = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._sub: JetStreamContext.PushSubscription | None = None
+        self.last_pending = -1
+
+    async def start(self) -> None:
+        config = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=self.start_seq,
+        )
+        self._sub = await self.js.subscribe(
+            self.subject, stream=self.stream, ordered_consumer=True, config=config,
+            cb=self._on_msg, idle_heartbeat=2.0,
+            pending_msgs_limit=4 * self.max_buffer, pending_bytes_limit=256 * 1024 * 1024,
+        )
+
+    async def _on_msg(self, msg: Msg) -> None:
+        self._buffer.append(msg)
+        self._arrived.set()
+        while len(self._buffer) >= self.max_buffer:
+            self._drained.clear()
+            await self._drained.wait()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    async def next_batch(self, max_size: int, timeout: float | None) -> list[StreamMessage]:
+        """Up to ``max_size`` messages in stream order; [] when none came within ``timeout``."""
+        if not self._buffer:
+            self._arrived.clear()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._arrived.wait()
+            except TimeoutError:
+                return []
+        buf = self._buffer
+        out: list[StreamMessage] = []
+        for _ in range(min(max_size, len(buf))):
+            msg = buf.popleft()
+            seq, ns, pending = parse_js_reply(msg.reply)
+            out.append(StreamMessage(seq, ns_to_datetime(ns), msg.subject, msg.data, msg.headers, pending))
+        if out:
+            self.last_pending = out[-1].pending
+        self._drained.set()
+        return out
+
+    async def stop(self) -> None:
+        sub, self._sub = self._sub, None
+        self._drained.set()
+        if sub is not None:
+            try:
+                await sub.unsubscribe()
+            except Exception:  # the connection may already be gone; nothing to clean then
+                pass

@@ -7,11 +7,11 @@ the median of ``--reps`` repetitions on a fresh LEDGER stream / fresh SQLite
 file each time:
 
 1. publish rate of a realistic, seeded event mix (pre-generated) through
-   ``ledger.publisher.Publisher`` vs ceiling A: raw nats-py ``js.publish_async``
+   ``ledger.nats.publisher.Publisher`` vs ceiling A: raw nats-py ``js.publish_async``
    of the same pre-encoded payloads; plus a wire ceiling (core ``nc.publish``
    with reply subjects, acks counted), since ``publish_async`` is no ceiling;
 2. projection rate of ``projections.projector.Projector.run(until_idle=True)``
-   vs ceiling B: ``ledger.stream.OrderedReader`` + ``msgspec`` decode + stdlib
+   vs ceiling B: ``OrderedReader`` (bench/common.py) + ``msgspec`` decode + stdlib
    ``sqlite3.executemany`` of raw rows into one table, 5,000 per transaction
    (and the same with the Projector's own reader class when it uses another).
    Every projection run is checked complete (every event applied, final run
@@ -50,6 +50,7 @@ from typing import Any, cast
 
 from common import (
     Interrupts,
+    OrderedReader,
     RawCeiling,
     cancel_on_interrupt,
     machine_info,
@@ -108,7 +109,7 @@ class _RunWriter:
 
     def beats(self, count: int, attempt: int) -> None:
         """``count`` heartbeats, ~30 s apart, with step and progress."""
-        from ledger import events as ev
+        from ledger.core import events as ev
 
         for _ in range(count):
             self.step += 100
@@ -133,7 +134,7 @@ def generate_mix(n_events: int, n_runs: int, seed: int) -> Mix:
     ~2% killed (run.killed, then exit 137 by signal 9), ~0.5% crashed
     (heartbeat timeout), the rest exit 0. ~20% of runs belong to a few sweeps.
     """
-    from ledger import events as ev
+    from ledger.core import events as ev
 
     rng = random.Random(seed)
     n_sweeps = max(1, n_runs // 2000)
@@ -252,7 +253,7 @@ def generate_mix(n_events: int, n_runs: int, seed: int) -> Mix:
 
 def generate_starts(n_runs: int, seed: int) -> tuple[list[Any], list[str]]:
     """``n_runs`` run.started events of distinct runs (the read benchmark's data)."""
-    from ledger import events as ev
+    from ledger.core import events as ev
 
     rng = random.Random(seed)
     run_ids = distinct_run_ids(rng, n_runs)
@@ -270,7 +271,7 @@ def generate_starts(n_runs: int, seed: int) -> tuple[list[Any], list[str]]:
 async def fresh_stream(js: Any) -> None:
     from nats.js.errors import NotFoundError
 
-    from ledger.stream import STREAM, ensure_stream
+    from ledger.nats.stream import STREAM, ensure_stream
 
     try:
         await js.delete_stream(STREAM)
@@ -280,7 +281,7 @@ async def fresh_stream(js: Any) -> None:
 
 
 async def check_stream(js: Any, expected: int) -> None:
-    from ledger.stream import stream_last_seq
+    from ledger.nats.stream import stream_last_seq
 
     info = await js.stream_info("LEDGER")
     if info.state.messages != expected or await stream_last_seq(js) != expected:
@@ -289,7 +290,7 @@ async def check_stream(js: Any, expected: int) -> None:
 
 async def bench_publisher(nc: Any, events: list[Any]) -> float:
     """Seconds to submit every event through the project's Publisher and await every ack."""
-    from ledger.publisher import Publisher
+    from ledger.nats.publisher import Publisher
 
     pub = Publisher(nc)
     try:
@@ -411,21 +412,20 @@ def _count(db_path: Path, table: str) -> int:
 def projector_reader() -> type:
     """The reader class the project's Projector reads with (the working tree may change it)."""
     import projections.projector as module
-    from ledger import stream
+    from ledger.nats import stream
 
-    for name in ("PullReader", "OrderedReader"):
+    for name in ("PullReader",):
         cls = getattr(module, name, None)
         if isinstance(cls, type) and getattr(stream, name, None) is cls:
             return cast(type, cls)
-    raise RuntimeError("cannot tell which ledger.stream reader projections.projector uses")
+    raise RuntimeError("cannot tell which ledger.nats.stream reader projections.projector uses")
 
 
 async def bench_raw_projector(js: Any, db_path: Path, total: int, reader_cls: type | None = None) -> float:
     """Ceiling B: ordered read + msgspec decode + executemany of raw rows, 5,000 per transaction.
 
-    The reader is ``ledger.stream.OrderedReader`` (an ordered push consumer) unless ``reader_cls`` is given.
+    The reader is ``OrderedReader`` (bench/common.py) (an ordered push consumer) unless ``reader_cls`` is given.
     """
-    from ledger.stream import OrderedReader
 
     ceiling = RawCeiling(db_path)
     try:
@@ -473,7 +473,7 @@ def _http_client(base_url: str, ids: list[str], warmup: int, conn: Any) -> None:
 
 async def bench_api(db_path: Path, ids: list[str], warmup: int) -> tuple[float, float, int]:
     """Serve the API in this process's loop; a separate process does the GETs. Returns p50, p99 (ms), failures."""
-    from ledger.server import free_port
+    from ledger.nats.server import free_port
     from projections.api import ApiState, api_server
 
     port = free_port()
@@ -545,7 +545,7 @@ class Workload:
 
 
 def build_workload(args: argparse.Namespace) -> Workload:
-    from ledger.events import encode_event, subject_of
+    from ledger.core.events import encode_event, subject_of
 
     mix = generate_mix(args.events, args.runs, args.seed)
     starts, api_ids = generate_starts(args.api_runs, args.seed + 1)
@@ -555,7 +555,7 @@ def build_workload(args: argparse.Namespace) -> Workload:
 
 async def run_bench(args: argparse.Namespace, url: str, work: Path, wl: Workload, say: Any,
                     on_interrupt: Any) -> tuple[Figures, Mix]:
-    from ledger.stream import OrderedReader, connect
+    from ledger.nats.stream import connect
 
     # Ctrl-C / SIGTERM while the loop runs: cancel this task, so every finally block below runs.
     cancel_on_interrupt(on_interrupt)
@@ -727,7 +727,7 @@ def render(s: dict[str, Any]) -> str:
          "20,000 in flight"),
         ("wire ceiling (extra): core nc.publish, reply subjects under one wildcard inbox, acks counted not parsed, "
          "20,000 in flight"),
-        ("ceiling B (projection): ledger.stream.OrderedReader (ordered push consumer) + msgspec.json.Decoder(AnyEvent)"
+        ("ceiling B (projection): OrderedReader (ordered push consumer, bench/common.py) + msgspec.json.Decoder(AnyEvent)"
          " + sqlite3.executemany of (seq, id, type, payload), 5,000/txn"
          + (f"; second ceiling B: the same with {rdr}, the reader the Projector uses" if qs else "")),
         (f"reads   : {g['gets_per_rep']:,} sequential keep-alive GETs per rep (httpx in a separate process, after "
@@ -781,7 +781,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from rich.console import Console
 
-    from ledger.server import EmbeddedNats, free_port
+    from ledger.nats.server import EmbeddedNats, free_port
 
     err = Console(stderr=True, highlight=False)
     started = time.perf_counter()

@@ -13,7 +13,7 @@ Starts its own embedded nats-server (temp dir, free port, the LEDGER stream via
    (``PYTHONPYCACHEPREFIX``: the tree gets no ``__pycache__``). Context: bare
    ``python -c pass``, ``python -I -S -c pass`` (the wrapper's gate child is
    such an interpreter), ``python -c "import ledger.cli"`` and ``...
-   ledger.cli, ledger.wrapper`` (every import ``ledger run`` makes), the
+   ledger.cli, ledger.jobs.wrapper`` (every import ``ledger run`` makes), the
    wrapper with ``PYTHONDONTWRITEBYTECODE=1`` (as some sandboxes set it) and,
    as a what-if, with ``gc.freeze()`` at exit. Breakdown: the same ``ledger
    run -- true`` under a harness that wraps project functions from outside
@@ -82,8 +82,8 @@ WRAPPER_TARGET_MS = 150.0
 CPU_TARGET_PCT = 100.0
 TARGET_RUNS = 2000
 RATE_MIN_SHARE = 0.95  # achieved heartbeats/s must be at least this share of runs / period
-NOTABLE_IMPORTS = ("ledger.cli", "ledger.wrapper", "ledger.commands.audit", "ledger.commands.serve",
-                   "ledger.commands.events", "click", "asyncio", "nats", "nats.js.api", "msgspec", "ulid",
+NOTABLE_IMPORTS = ("ledger.cli", "ledger.jobs.wrapper", "ledger.cli.audit", "ledger.cli.serve",
+                   "ledger.cli.events", "click", "asyncio", "nats", "nats.js.api", "msgspec", "ulid",
                    "importlib.metadata", "aiosqlite", "anyio", "gzip", "ssl")
 NO_PYC = "ledger run -- true, PYTHONDONTWRITEBYTECODE=1, no cache dir"
 WHAT_IF = "ledger run -- true, gc.freeze() at exit [what-if]"  # the same, the final GC skipped
@@ -107,10 +107,10 @@ def mark(name):
     marks[name] = time.monotonic_ns()
 import ledger.cli
 mark("import ledger.cli")
-import ledger.wrapper
-mark("import ledger.wrapper")
+import ledger.jobs.wrapper
+mark("import ledger.jobs.wrapper")
 import asyncio, asyncio.subprocess
-import ledger.client, ledger.connection, ledger.publisher, ledger.spool
+import ledger.jobs.client, ledger.nats.connection, ledger.nats.publisher, ledger.jobs.spool
 
 def stamp(owner, name, label):
     orig = getattr(owner, name, None)
@@ -123,25 +123,25 @@ def stamp(owner, name, label):
             marks.setdefault(label, time.monotonic_ns())  # the first call only
     setattr(owner, name, wrapped)
 
-orig_main = ledger.wrapper.Wrapper.main
+orig_main = ledger.jobs.wrapper.Wrapper.main
 async def main(self):
     mark("main>")
     try:
         return await orig_main(self)
     finally:
         mark("main<")
-ledger.wrapper.Wrapper.main = main
-stamp(ledger.spool.Spool, "open", "spool open<")
-stamp(ledger.connection.Connection, "try_connect", "nats connect<")
-stamp(ledger.client.AsyncLedger, "connect", "connect<")
+ledger.jobs.wrapper.Wrapper.main = main
+stamp(ledger.jobs.spool.Spool, "open", "spool open<")
+stamp(ledger.nats.connection.Connection, "try_connect", "nats connect<")
+stamp(ledger.jobs.client.AsyncLedger, "connect", "connect<")
 stamp(asyncio, "create_subprocess_exec", "spawn<")
-stamp(ledger.client, "load_run", "load_run<")
-stamp(ledger.publisher.Publisher, "publish", "publish<")
-stamp(ledger.client.AsyncLedger, "start_run", "start_run<")
-stamp(ledger.wrapper.Wrapper, "_watch_kills", "watch<")
+stamp(ledger.jobs.client, "load_run", "load_run<")
+stamp(ledger.nats.publisher.Publisher, "publish", "publish<")
+stamp(ledger.jobs.client.AsyncLedger, "start_run", "start_run<")
+stamp(ledger.jobs.wrapper.Wrapper, "_watch_kills", "watch<")
 stamp(asyncio.subprocess.Process, "wait", "wait<")
-stamp(ledger.client.AsyncRunHandle, "exited", "exited<")
-stamp(ledger.client.AsyncLedger, "close", "close<")
+stamp(ledger.jobs.client.AsyncRunHandle, "exited", "exited<")
+stamp(ledger.jobs.client.AsyncLedger, "close", "close<")
 
 @atexit.register
 def dump():
@@ -164,8 +164,8 @@ ledger.cli.main()
 PHASES = [
     ("python startup (exec, site, venv)", "spawn", "ready"),
     ("import ledger.cli (click, commands)", "ready", "import ledger.cli"),
-    ("import ledger.wrapper (client, nats, aiosqlite, ulid)", "import ledger.cli", "import ledger.wrapper"),
-    ("[harness: wrapping functions]", "import ledger.wrapper", "patched"),
+    ("import ledger.jobs.wrapper (client, nats, aiosqlite, ulid)", "import ledger.cli", "import ledger.jobs.wrapper"),
+    ("[harness: wrapping functions]", "import ledger.jobs.wrapper", "patched"),
     ("click dispatch, asyncio.run start", "patched", "main>"),
     ("open spool (SQLite, WAL, schema)", "main>", "spool open<"),
     ("connect to NATS", "spool open<", "nats connect<"),
@@ -215,7 +215,7 @@ def bench_wrapper(args: argparse.Namespace, url: str, work: Path, say: Any) -> d
         "python -c pass": [py, "-c", "pass"],
         "python -I -S -c pass": [py, "-I", "-S", "-c", "pass"],
         "python -c 'import ledger.cli'": [py, "-c", "import ledger.cli"],
-        "python -c 'import ledger.cli, ledger.wrapper'": [py, "-c", "import ledger.cli, ledger.wrapper"],
+        "python -c 'import ledger.cli, ledger.jobs.wrapper'": [py, "-c", "import ledger.cli, ledger.jobs.wrapper"],
     }
     times: dict[str, list[float]] = {name: [] for name in commands}
     problems: list[str] = []
@@ -356,7 +356,7 @@ def _thread_cpu() -> dict[int, float]:
 def _patch_spool_remove() -> None:
     """What-if (this process only, the project's file untouched): ``Spool.remove`` deletes its rows in
     one transaction. As it stands, each row's DELETE autocommits: one WAL commit and fdatasync per row."""
-    from ledger.spool import Spool
+    from ledger.jobs.spool import Spool
 
     async def remove(self: Any, ids: Any) -> None:
         if ids:
@@ -375,7 +375,7 @@ async def heartbeat_client(cfg: dict[str, Any]) -> None:
     """The measured process: one AsyncLedger, ``runs`` runs heartbeating every ``heartbeat`` s."""
     import gc
 
-    from ledger.client import AsyncLedger
+    from ledger.jobs.client import AsyncLedger
 
     if cfg.get("what_if_remove"):
         _patch_spool_remove()
@@ -489,7 +489,7 @@ def spool_rows(path: Path) -> int | None:
 async def run_heartbeat_client(args: argparse.Namespace, url: str, work: Path, server_pid: int, say: Any,
                                *, profile: Path | None = None, window: float | None = None,
                                what_if_remove: bool = False) -> dict[str, Any]:
-    from ledger.stream import connect
+    from ledger.nats.stream import connect
 
     window = window if window is not None else args.window
     tag = f"hb{random.Random().getrandbits(32):08x}"
@@ -801,7 +801,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def setup_stream(url: str) -> None:
-    from ledger.stream import connect, ensure_stream
+    from ledger.nats.stream import connect, ensure_stream
 
     nc = await connect(url, name="ledger-bench-jobs", reconnect=False)
     try:
@@ -811,7 +811,7 @@ async def setup_stream(url: str) -> None:
 
 
 async def stream_messages(url: str) -> int:
-    from ledger.stream import connect
+    from ledger.nats.stream import connect
 
     nc = await connect(url, name="ledger-bench-jobs", reconnect=False)
     try:
@@ -840,7 +840,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args._client is not None:
         return client_main(args._client)
-    from ledger.server import EmbeddedNats, free_port
+    from ledger.nats.server import EmbeddedNats, free_port
 
     started = time.perf_counter()
     say = progress_printer(started)

@@ -81,7 +81,7 @@ class Up:
 
 
 def free_port() -> int:
-    from ledger.server import free_port as fp
+    from ledger.nats.server import free_port as fp
 
     return fp()
 
@@ -104,7 +104,7 @@ def embedded_round(work: Path, n: int) -> float:
 
 
 def external_round(work: Path, n: int) -> float:
-    from ledger.server import EmbeddedNats
+    from ledger.nats.server import EmbeddedNats
 
     nats = EmbeddedNats(work / f"nats{n}", port=free_port())
     nats.start()

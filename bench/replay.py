@@ -51,7 +51,7 @@ from common import RawCeiling, cpu_model, nats_server_version, progress_printer,
 # --------------------------------------------------------------------------- children
 
 async def child_replay(url: str, work: Path, expected: int) -> dict[str, Any]:
-    from ledger.stream import connect
+    from ledger.nats.stream import connect
     from projections.rebuild import replay
 
     nc = await connect(url, name="bench-replay", reconnect=False)
@@ -74,7 +74,7 @@ async def child_replay(url: str, work: Path, expected: int) -> dict[str, Any]:
 
 async def child_ceiling(url: str, work: Path, expected: int) -> dict[str, Any]:
     RawCeiling.modules()  # imported before anything else, as the memory after imports has always been measured
-    from ledger.stream import PullReader, connect
+    from ledger.nats.stream import PullReader, connect
 
     nc = await connect(url, name="bench-ceiling", reconnect=False)
     ceiling = RawCeiling(work / "ceiling.db")
@@ -117,8 +117,8 @@ def run_child(kind: str, url: str, work: Path, expected: int) -> dict[str, Any]:
 async def publish_mix(url: str, n_events: int, seed: int, say: Any) -> int:
     from foundation import fresh_stream, generate_mix
 
-    from ledger.publisher import Publisher
-    from ledger.stream import connect, stream_last_seq
+    from ledger.nats.publisher import Publisher
+    from ledger.nats.stream import connect, stream_last_seq
 
     say(f"generating {n_events:,} events over {n_events // 20:,} runs (seed {seed})")
     mix = generate_mix(n_events, max(1, n_events // 20), seed)
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return child_main(args)
 
-    from ledger.server import EmbeddedNats, free_port
+    from ledger.nats.server import EmbeddedNats, free_port
 
     say = progress_printer(None)
 

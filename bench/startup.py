@@ -7,7 +7,7 @@ per rep (medians of ``--reps`` after ``--warmup`` warm-ups):
 
 - ``python -c pass`` (this venv's interpreter: the floor),
 - ``python -c "import ledger.cli"`` (the group, no verb loaded),
-- ``python -c "from ledger.client import AsyncLedger"`` (the Python client),
+- ``python -c "from ledger.jobs.client import AsyncLedger"`` (the Python client),
 - ``ledger --help`` (every verb's module loaded, to list them),
 - ``ledger run -- true`` (the console script, a fresh run id each time, its
   spool in the temp dir): connect, check the start, spawn the child behind
@@ -54,8 +54,8 @@ if str(ROOT) not in sys.path:
 
 TARGET_MS = 150.0
 IMPORTS_NOT_ON_THE_JOB_PATH = ("litestar", "uvicorn", "rich", "prometheus_client", "httpx", "projections",
-                               "ledger.archive", "ledger.tables", "ledger.commands.audit", "ledger.commands.serve",
-                               "ledger.commands.query", "ledger.commands.events", "ledger.commands.control")
+                               "ledger.nats.archive", "ledger.cli.tables", "ledger.cli.audit", "ledger.cli.serve",
+                               "ledger.cli.query", "ledger.cli.events", "ledger.cli.sweep")
 
 
 def ledger_script() -> str:
@@ -100,7 +100,7 @@ def import_costs(env: dict[str, str]) -> tuple[dict[str, float], float, list[str
 
 
 async def make_stream(url: str) -> None:
-    from ledger.stream import connect, ensure_stream
+    from ledger.nats.stream import connect, ensure_stream
 
     nc = await connect(url, reconnect=False)
     try:
@@ -117,7 +117,7 @@ def measure(args: argparse.Namespace, work: Path, url: str) -> dict[str, Any]:
     commands = {
         "python -c pass": [py, "-c", "pass"],
         "import ledger.cli": [py, "-c", "import ledger.cli"],
-        "import ledger.client": [py, "-c", "from ledger.client import AsyncLedger"],
+        "import ledger.jobs.client": [py, "-c", "from ledger.jobs.client import AsyncLedger"],
         "ledger --help": [ledger_script(), "--help"],
         "ledger run -- true": [ledger_script(), "run", "--", "true"],
     }
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.reps < 10:
         parser.error("--reps must be at least 10")
-    from ledger.server import EmbeddedNats, free_port
+    from ledger.nats.server import EmbeddedNats, free_port
 
     work = Path(tempfile.mkdtemp(prefix="ledger-bench-startup-"))
     server = EmbeddedNats(work / "nats", port=free_port())

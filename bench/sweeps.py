@@ -170,7 +170,7 @@ class Cluster:
     """``ledger up`` in a temp dir, the environment a user's shell would have, and every process started."""
 
     def __init__(self, work: Path, timeout: float, say: Any) -> None:
-        from ledger.server import free_port
+        from ledger.nats.server import free_port
 
         self.work, self.timeout, self.say = work, timeout, say
         self.ledger = ledger_command()

@@ -32,8 +32,8 @@ import sqlite3
 import sys
 import tempfile
 import time
-from datetime import datetime, timedelta, timezone
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from common import machine_info, median, verdict
@@ -43,8 +43,15 @@ TARGET_MS = 200.0
 
 def build_views(path: Path, n_runs: int) -> None:
     """A views database of ``n_runs`` runs and their sweeps, with the projector's schema."""
-    from ledger.machine import RUN_STATES, Run, Sweep
-    from projections.schema import SCHEMA, UPSERT_RUNS, UPSERT_SWEEPS, json_param, run_row, sweep_row
+    from ledger.core.machine import RUN_STATES, Run, Sweep
+    from projections.schema import (
+        SCHEMA,
+        UPSERT_RUNS,
+        UPSERT_SWEEPS,
+        json_param,
+        run_row,
+        sweep_row,
+    )
 
     rng = random.Random(11)
     t0 = datetime(2026, 11, 1, tzinfo=timezone.utc)

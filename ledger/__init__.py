@@ -26,18 +26,18 @@ __all__ = [
 ]
 
 _WHERE = {
-    "AsyncLedger": "ledger.client", "AsyncRunHandle": "ledger.client",
-    "Ledger": "ledger.sync_client", "RunHandle": "ledger.sync_client", "current_run": "ledger.sync_client",
+    "AsyncLedger": "ledger.jobs.client", "AsyncRunHandle": "ledger.jobs.client",
+    "Ledger": "ledger.jobs.sync_client", "RunHandle": "ledger.jobs.sync_client", "current_run": "ledger.jobs.sync_client",
     "LedgerError": "ledger.errors", "InvalidEvent": "ledger.errors", "ResumeRefused": "ledger.errors",
     "ConcurrencyConflict": "ledger.errors", "StreamUnavailable": "ledger.errors",
-    "StartRefused": "ledger.decide", "ResumeMode": "ledger.events",
-    "Reader": "ledger.reader", "ReadFailed": "ledger.reader",
+    "StartRefused": "ledger.core.decide", "ResumeMode": "ledger.core.events",
+    "Reader": "ledger.jobs.reader", "ReadFailed": "ledger.jobs.reader",
 }
 
 if TYPE_CHECKING:
-    from ledger import events
-    from ledger.client import AsyncLedger, AsyncRunHandle
-    from ledger.decide import StartRefused
+    from ledger.core import events
+    from ledger.core.decide import StartRefused
+    from ledger.core.events import ResumeMode
     from ledger.errors import (
         ConcurrencyConflict,
         InvalidEvent,
@@ -45,14 +45,14 @@ if TYPE_CHECKING:
         ResumeRefused,
         StreamUnavailable,
     )
-    from ledger.events import ResumeMode
-    from ledger.reader import ReadFailed, Reader
-    from ledger.sync_client import Ledger, RunHandle, current_run
+    from ledger.jobs.client import AsyncLedger, AsyncRunHandle
+    from ledger.jobs.reader import Reader, ReadFailed
+    from ledger.jobs.sync_client import Ledger, RunHandle, current_run
 
 
 def __getattr__(name: str) -> Any:
     if name == "events":
-        return import_module("ledger.events")
+        return import_module("ledger.core.events")
     if name in _WHERE:
         return getattr(import_module(_WHERE[name]), name)
     raise AttributeError(f"module 'ledger' has no attribute {name!r}")

@@ -45,11 +45,12 @@ from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ledger.core import shapes
+from ledger.core.events import ENTITY_ID_RE
+from ledger.core.fold import Entry
+from ledger.core.machine import RUN_STATES, Run
 from ledger.errors import StreamUnavailable
-from ledger.events import ENTITY_ID_RE
-from ledger.fold import Entry
-from ledger.machine import RUN_STATES, Run
-from ledger.stream import stream_last_seq
+from ledger.nats.stream import stream_last_seq
 from projections import queries, timeline
 from projections.auth import TokenMiddleware, is_loopback
 from projections.metrics import REGISTRY
@@ -226,7 +227,7 @@ class SweepHistory(msgspec.Struct):
 class SweepList(msgspec.Struct):
     """Every sweep, by id."""
 
-    sweeps: list[queries.SweepView]
+    sweeps: list[shapes.SweepView]
 
 
 class QuarantineList(msgspec.Struct):
@@ -354,7 +355,7 @@ async def get_run(request: Request[Any, Any, Any], run_id: FromPath[str], as_of:
 
 @get("/runs/{run_id:str}/events")
 async def run_events(request: Request[Any, Any, Any], run_id: FromPath[str], min_seq: MinSeq = None,
-                     timeout: Timeout = None) -> timeline.Timeline:
+                     timeout: Timeout = None) -> shapes.Timeline:
     """The run's audit trail, read from the stream: every message of its subjects and what it did."""
     _check_id(run_id, "run id")
     found = await _from_stream(timeline.run_timeline(_stream(request), run_id, stall_timeout=STREAM_READ_S))
@@ -382,7 +383,7 @@ async def list_sweeps(request: Request[Any, Any, Any], min_seq: MinSeq = None, t
 
 @get("/sweeps/{sweep_id:str}")
 async def get_sweep(request: Request[Any, Any, Any], sweep_id: FromPath[str], as_of: AsOfTime = None,
-                    as_of_seq: AsOfSeq = None, min_seq: MinSeq = None, timeout: Timeout = None) -> queries.SweepView:
+                    as_of_seq: AsOfSeq = None, min_seq: MinSeq = None, timeout: Timeout = None) -> shapes.SweepView:
     """One sweep now, or as the ledger held it at a past time or stream sequence."""
     _check_id(sweep_id, "sweep id")
     cut = _as_of(request)

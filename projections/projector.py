@@ -36,9 +36,8 @@ from anyio.abc import TaskStatus
 from nats.js import JetStreamContext
 
 from ledger.errors import StreamUnavailable
-from ledger.stream import PullReader, StreamMessage, stream_last_seq
+from ledger.nats.stream import PullReader, StreamMessage, stream_last_seq
 from projections import metrics
-from projections.lookups import BatchKeys, ViewCache, read_views
 from projections.store import (
     CheckpointMoved,
     Decoded,
@@ -53,6 +52,7 @@ from projections.store import (
     read_checkpoint,
     sqlite_code,
 )
+from projections.views import BatchKeys, ViewCache, read_views
 
 CACHE_ENTITIES = 10_000
 """Runs (and sweeps) the projector keeps in memory between batches, at least."""

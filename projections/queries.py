@@ -8,22 +8,12 @@ from typing import Final
 import aiosqlite
 import msgspec
 
-from ledger.fold import Entry
-from ledger.machine import RUN_STATES, Run, Sweep
+from ledger.core.fold import Entry
+from ledger.core.machine import RUN_STATES, Run, Sweep
+from ledger.core.shapes import SweepView
 from projections.schema import RUN_COLUMNS, entry_from_row, run_from_row
 
 MAX_LIMIT: Final = 1000
-
-
-class SweepView(msgspec.Struct, kw_only=True):
-    """The contract's Sweep: state, counts of its runs per state, and its preemption queue."""
-
-    sweep_id: str
-    state: str
-    created_at: datetime | None
-    updated_at: datetime | None
-    runs: dict[str, int]
-    queue: list[str]
 
 
 class QuarantineItem(msgspec.Struct, kw_only=True):

@@ -22,10 +22,10 @@ import aiosqlite
 import anyio
 from anyio.abc import TaskStatus
 
-from ledger import events as ev
-from ledger.control import derived_id
+from ledger.core import events as ev
 from ledger.errors import LedgerError
-from ledger.publisher import Publisher
+from ledger.nats.control import derived_id
+from ledger.nats.publisher import Publisher
 from projections.projector import SeqNotifier
 from projections.schema import iso
 from projections.store import open_db

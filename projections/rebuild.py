@@ -37,10 +37,10 @@ from typing import Final, TypeVar
 from nats.js import JetStreamContext
 
 from ledger.errors import LedgerError
-from ledger.stream import StreamMessage, last_seq_on, read_range
-from projections.lookups import BatchKeys, ViewCache
+from ledger.nats.stream import StreamMessage, last_seq_on, read_range
 from projections.schema import SCHEMA
 from projections.store import decode_batch, fold
+from projections.views import BatchKeys, ViewCache
 
 VIEWS: Final = "views.db"
 GENERATION_RE: Final = re.compile(r"^views-(\d+)\.db$")

@@ -12,8 +12,8 @@ from typing import Any, Final
 import msgspec
 from msgspec.structs import astuple
 
-from ledger.fold import Entry
-from ledger.machine import Run, Sweep
+from ledger.core.fold import Entry
+from ledger.core.machine import Run, Sweep
 
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS checkpoint (

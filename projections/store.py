@@ -16,11 +16,10 @@ from typing import Any, Final, NamedTuple, TypeAlias, TypeVar
 
 import aiosqlite
 
+from ledger.core.events import decode_event
+from ledger.core.fold import Recorded, Views
 from ledger.errors import InvalidEvent
-from ledger.events import decode_event
-from ledger.fold import Recorded, Views
-from ledger.stream import StreamMessage, recorded_at_of
-from projections.lookups import BatchKeys, read_views
+from ledger.nats.stream import StreamMessage, recorded_at_of
 from projections.schema import (
     BATCH_WRITER,
     INSERT_ENTRIES,
@@ -36,6 +35,7 @@ from projections.schema import (
     run_row,
     sweep_row,
 )
+from projections.views import BatchKeys, read_views
 
 INSERT_QUARANTINE: Final = (
     "INSERT OR REPLACE INTO quarantine (seq, subject, reason, raw, recorded_at) VALUES (?, ?, ?, ?, ?)")

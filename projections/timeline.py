@@ -22,13 +22,12 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 from datetime import datetime
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import msgspec
 from nats.js import JetStreamContext
 
-from ledger.errors import InvalidEvent
-from ledger.events import (
+from ledger.core.events import (
     AnyEvent,
     RunCrashed,
     RunEvent,
@@ -38,47 +37,15 @@ from ledger.events import (
     decode_event,
     tag_of,
 )
-from ledger.fold import Recorded, Views
-from ledger.lookup import implied_by, implied_sweep, recorded_on
-from ledger.machine import ALIVE, TERMINAL, Run, Sweep, new_run
-from ledger.stream import StreamMessage, read_range, recorded_at_of
+from ledger.core.fold import Recorded, Views
+from ledger.core.machine import ALIVE, TERMINAL, Run, Sweep, new_run
+from ledger.core.shapes import Timeline, TimelineEntry
+from ledger.errors import InvalidEvent
+from ledger.nats.entity import implied_by, implied_sweep, recorded_on
+from ledger.nats.stream import StreamMessage, read_range, recorded_at_of
 
-Effect = Literal["applied", "unchanged", "late", "stale", "duplicate", "quarantined"]
 SKIP_FIELDS: Final = frozenset({"seq"})
 """Fields not reported as changes: ``seq`` moves with every change."""
-
-
-class TimelineEntry(msgspec.Struct, kw_only=True):
-    """One message of a run's subjects: the event, what it did to the run, and why."""
-
-    seq: int
-    recorded_at: datetime
-    subject: str
-    event_id: str | None
-    event_type: str | None
-    at: datetime | None
-    attempt: int | None
-    effect: Effect
-    why: str
-    changes: dict[str, list[Any]]
-    """Field -> [before, after] for what the event changed."""
-    history: bool
-    """Whether the event made a history entry (a state or attempt change)."""
-    state: str | None
-    """The run's state after the event (None while the run does not exist)."""
-    run: Run | None
-    """The whole run after the event."""
-
-
-class Timeline(msgspec.Struct, kw_only=True):
-    """A run's audit trail (``GET /runs/{id}/events``, ``ledger audit``)."""
-
-    run_id: str
-    events: list[TimelineEntry]
-    summary: dict[str, int]
-    """Count per effect."""
-    run: Run | None
-    """The run after its last event: what the views should hold."""
 
 
 def _changes(before: Run | None, after: Run | None) -> dict[str, list[Any]]:

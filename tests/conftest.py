@@ -15,9 +15,9 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from ledger.publisher import Publisher
-from ledger.server import EmbeddedNats, free_port
-from ledger.stream import STREAM, connect, ensure_stream
+from ledger.nats.publisher import Publisher
+from ledger.nats.server import EmbeddedNats, free_port
+from ledger.nats.stream import STREAM, connect, ensure_stream
 from projections.api import ApiState, api_server
 from projections.projector import Projector, SeqNotifier
 

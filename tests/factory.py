@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from ledger import events as ev
+from ledger.core import events as ev
 
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
 _ids = itertools.count(1)

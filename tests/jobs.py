@@ -15,9 +15,9 @@ from typing import Any
 
 from nats.js import JetStreamContext
 
-from ledger import events as ev
-from ledger.lookup import fold_subject
-from ledger.stream import PullReader, stream_last_seq
+from ledger.core import events as ev
+from ledger.nats.entity import fold_subject
+from ledger.nats.stream import PullReader, stream_last_seq
 
 LEDGER = [sys.executable, "-m", "ledger.cli"]
 

@@ -15,9 +15,9 @@ from typing import Any
 
 from nats.js import JetStreamContext
 
-from ledger import events as ev
-from ledger.publisher import Publisher
-from ledger.server import free_port
+from ledger.core import events as ev
+from ledger.nats.publisher import Publisher
+from ledger.nats.server import free_port
 from projections.api import ApiServer, ApiState, api_server
 from projections.projector import Projector, SeqNotifier
 from tests.conftest import Started, stop_task

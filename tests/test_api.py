@@ -8,9 +8,9 @@ import httpx
 import pytest
 from nats.js import JetStreamContext
 
-from ledger import events as ev
-from ledger.machine import RUN_STATES
-from ledger.publisher import Publisher
+from ledger.core import events as ev
+from ledger.core.machine import RUN_STATES
+from ledger.nats.publisher import Publisher
 from tests.factory import exited, heartbeat, preempting, started, sweep
 
 RUN_FIELDS = {"run_id", "sweep_id", "state", "attempt", "created_at", "started_at", "ended_at", "last_heartbeat_at",

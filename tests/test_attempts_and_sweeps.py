@@ -19,14 +19,14 @@ from hypothesis import strategies as st
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from ledger import events as ev
-from ledger.control import change_sweep
+from ledger.core import events as ev
+from ledger.core.events import encode_event, subject_of
 from ledger.errors import CommandRefused
-from ledger.events import encode_event, subject_of
-from ledger.lookup import implied_by
-from ledger.publisher import Publisher
-from ledger.server import free_port
-from ledger.stream import STREAM, connect, ensure_stream, stream_last_seq
+from ledger.nats.control import change_sweep
+from ledger.nats.entity import implied_by
+from ledger.nats.publisher import Publisher
+from ledger.nats.server import free_port
+from ledger.nats.stream import STREAM, connect, ensure_stream, stream_last_seq
 from projections import queries
 from projections.compare import verify
 from projections.projector import Projector
@@ -172,7 +172,7 @@ class TestImpliedSweepsThroughTheApi:
 
 
 async def _read(js: JetStreamContext, seq: int) -> Any:
-    from ledger.stream import read_range
+    from ledger.nats.stream import read_range
 
     async for batch in read_range(js, start_seq=seq, stop_seq=seq):
         yield batch

@@ -19,10 +19,10 @@ import httpx
 import pytest
 from nats.js import JetStreamContext
 
-from ledger import events as ev
-from ledger.events import encode_event, subject_of
-from ledger.publisher import Publisher
-from ledger.server import free_port
+from ledger.core import events as ev
+from ledger.core.events import encode_event, subject_of
+from ledger.nats.publisher import Publisher
+from ledger.nats.server import free_port
 from projections.projector import Projector
 from projections.timeline import run_timeline
 from tests.factory import (

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 from nats.js import JetStreamContext
 
-from ledger import events as ev
 from ledger.cli import VERBS, main
-from ledger.machine import RUN_STATES, SWEEP_STATES
-from ledger.server import free_port
-from ledger.stream import STREAM, ensure_stream, stream_last_seq
+from ledger.core import events as ev
+from ledger.core.machine import RUN_STATES, SWEEP_STATES
+from ledger.nats.server import free_port
+from ledger.nats.stream import STREAM, ensure_stream, stream_last_seq
 from tests.jobs import Up, ledger, run_events, wait_until
 
 
@@ -220,8 +220,8 @@ def heavy_modules(modules: set[str]) -> set[str]:
     """The modules of a set that belong to the server, tables, audit or metrics side."""
     return {m for m in modules if m.split(".")[0] in ("litestar", "uvicorn", "rich", "prometheus_client", "httpx",
                                                       "projections")
-            or m in ("ledger.archive", "ledger.tables", "ledger.commands.audit", "ledger.commands.serve",
-                     "ledger.commands.query", "ledger.commands.events")}
+            or m in ("ledger.nats.archive", "ledger.cli.tables", "ledger.cli.audit", "ledger.cli.serve",
+                     "ledger.cli.query", "ledger.cli.events")}
 
 
 class TestLightJobPath:
@@ -234,7 +234,7 @@ class TestLightJobPath:
         assert 0 == done.returncode, done.stderr[-2000:]
         modules = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines()
                    if line.startswith("import time:") and "|" in line}
-        assert "ledger.wrapper" in modules
+        assert "ledger.jobs.wrapper" in modules
         assert set() == heavy_modules(modules)
 
     def test_python_client_imports_no_server_table_or_audit_code(self) -> None:
@@ -244,7 +244,7 @@ class TestLightJobPath:
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
         assert 0 == done.returncode, done.stderr
         modules = set(done.stdout.split())
-        assert {"ledger.client", "ledger.sync_client"} <= modules
+        assert {"ledger.jobs.client", "ledger.jobs.sync_client"} <= modules
         assert set() == heavy_modules(modules) and "click" not in modules
 
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from nats.js import JetStreamContext
 
-from ledger import events as ev
-from ledger.client import AsyncLedger
-from ledger.decide import StartRefused
+from ledger.core import events as ev
+from ledger.core.decide import StartRefused
 from ledger.errors import ResumeRefused
-from ledger.publisher import Publisher
-from ledger.sync_client import Ledger
+from ledger.jobs.client import AsyncLedger
+from ledger.jobs.sync_client import Ledger
+from ledger.nats.publisher import Publisher
 from tests.factory import exited, started
 from tests.jobs import run_events, run_state, types
 

@@ -8,9 +8,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from msgspec.structs import replace
 
-from ledger.decide import StartRefused, decide_start
-from ledger.events import RunStarted
-from ledger.machine import Run, evolve
+from ledger.core.decide import StartRefused, decide_start
+from ledger.core.events import RunStarted
+from ledger.core.machine import Run, evolve
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 FRESH = timedelta(seconds=90)

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from ledger.server import free_port
+from ledger.nats.server import free_port
 from tests.jobs import Up, ledger, ledger_run, wait_until
 
 TIMEOUT_S = 1.5

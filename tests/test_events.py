@@ -14,8 +14,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from ledger.errors import InvalidEvent
-from ledger.events import (
+from ledger.core.events import (
     EVENT_TYPES,
     RunExited,
     RunHeartbeat,
@@ -25,6 +24,7 @@ from ledger.events import (
     subject_of,
     tag_of,
 )
+from ledger.errors import InvalidEvent
 
 AT = "2024-05-01T12:00:00+02:00"
 GOLDEN = Path(__file__).parent / "golden"
@@ -290,7 +290,7 @@ class TestIds:
         """Generated ids are 26-char ULIDs, valid event and entity ids, distinct, and ordered by millisecond."""
         import time
 
-        from ledger.events import ENTITY_ID_RE, EVENT_ID_RE
+        from ledger.core.events import ENTITY_ID_RE, EVENT_ID_RE
         from ledger.ids import new_id
 
         first = [new_id() for _ in range(1000)]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ledger.server import free_port
+from ledger.nats.server import free_port
 from tests.jobs import LEDGER, Up, ledger
 
 HISTORICAL = str(10 * 365 * 86400)

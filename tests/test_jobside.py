@@ -19,14 +19,14 @@ import aiosqlite
 import pytest
 from nats.js import JetStreamContext
 
-from ledger import events as ev
-from ledger.client import AsyncLedger
+from ledger.core import events as ev
+from ledger.core.events import MAX_EVENT_BYTES
 from ledger.errors import InvalidEvent
-from ledger.events import MAX_EVENT_BYTES
 from ledger.ids import new_id
-from ledger.spool import Spool, owner_of
-from ledger.stream import STREAM
-from ledger.sync_client import Ledger
+from ledger.jobs.client import AsyncLedger
+from ledger.jobs.spool import Spool, owner_of
+from ledger.jobs.sync_client import Ledger
+from ledger.nats.stream import STREAM
 from tests.jobs import LEDGER, job_env, ledger_run, run_events, types, wait_until
 
 PY = sys.executable
@@ -52,7 +52,7 @@ def raw_heartbeat(run_id: str, message: str) -> tuple[str, bytes, str]:
 
 
 def ev_now():  # type: ignore[no-untyped-def]
-    from ledger.client import now
+    from ledger.jobs.client import now
 
     return now()
 
@@ -185,7 +185,7 @@ class TestRefusedForGood:
         """A poison row spooled by the child (an older client) is reported on the job's stderr; the exit still lands."""
         script = (
             "import asyncio, os\n"
-            "from ledger.spool import Spool, owner_of\n"
+            "from ledger.jobs.spool import Spool, owner_of\n"
             "from tests.test_jobside import raw_heartbeat, HUGE\n"
             "async def main():\n"
             "    spool = await Spool(os.environ['LEDGER_SPOOL']).open()\n"
@@ -441,9 +441,14 @@ class TestLedgerClock:
     async def test_forged_recorded_at_is_ignored_and_an_imports_is_honoured(
             self, js: JetStreamContext, nc, nats_url: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
         """A plain publish with Ledger-Recorded-At 2001 shows its stream time; an imported message keeps its own."""
-        from ledger.archive import ExportRecord, encode_record, export_stream, import_stream
-        from ledger.publisher import Publisher
-        from ledger.stream import read_range
+        from ledger.nats.archive import (
+            ExportRecord,
+            encode_record,
+            export_stream,
+            import_stream,
+        )
+        from ledger.nats.publisher import Publisher
+        from ledger.nats.stream import read_range
         from projections.store import decode_batch
 
         forged = ev.RunStarted(id=new_id(), at=ev_now(), run_id="forged", attempt=1)
@@ -520,8 +525,8 @@ class TestReadVerbs:
 
     async def test_ensure_stream_keeps_the_import_marks(self, js: JetStreamContext, nc) -> None:  # type: ignore[no-untyped-def]
         """`ledger up` bringing the stream to its config keeps the import marks in its metadata."""
-        from ledger.archive import record_imported
-        from ledger.stream import IMPORTED_KEY, ensure_stream
+        from ledger.nats.archive import record_imported
+        from ledger.nats.stream import IMPORTED_KEY, ensure_stream
 
         await record_imported(js, [3, 4, 5, 9])
         config = (await js.stream_info(STREAM)).config
@@ -553,7 +558,7 @@ accounts {{
 @pytest.fixture
 def read_only_server(tmp_path: Path) -> Iterator[str]:
     """A nats-server whose ``reader`` user may read the stream but not create, update or append to it."""
-    from ledger.server import free_port, nats_server_binary
+    from ledger.nats.server import free_port, nats_server_binary
 
     port = free_port()
     conf = tmp_path / "nats.conf"
@@ -578,8 +583,8 @@ class TestReadRole:
     async def test_read_verbs_work_for_a_role_that_may_not_update_the_stream(
             self, read_only_server: str, tmp_path: Path) -> None:
         """With only the rights to read (no update_stream), audit and events tail/export work."""
-        from ledger.publisher import Publisher
-        from ledger.stream import connect, ensure_stream, stream_config
+        from ledger.nats.publisher import Publisher
+        from ledger.nats.stream import connect, ensure_stream, stream_config
 
         admin = await connect(f"nats://admin:admin@{read_only_server}")
         try:

@@ -35,7 +35,7 @@ from typing import Any
 import pytest
 from msgspec.structs import replace
 
-from ledger.events import (
+from ledger.core.events import (
     RUN_EVENT_TYPES,
     SWEEP_EVENT_TYPES,
     AnyRunEvent,
@@ -60,7 +60,7 @@ from ledger.events import (
     SweepResumed,
     SweepStopped,
 )
-from ledger.machine import (
+from ledger.core.machine import (
     RUN_STATES,
     SWEEP_STATES,
     TERMINAL,

@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from ledger import events as ev
-from ledger.publisher import Publisher
-from ledger.server import EmbeddedNats, free_port
-from ledger.stream import connect
+from ledger.core import events as ev
+from ledger.nats.publisher import Publisher
+from ledger.nats.server import EmbeddedNats, free_port
+from ledger.nats.stream import connect
 from tests.factory import started as started_event
 
 LEDGER = str(Path(sys.executable).parent / "ledger")

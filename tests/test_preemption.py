@@ -10,8 +10,8 @@ from pathlib import Path
 
 from nats.js import JetStreamContext
 
-from ledger import events as ev
-from ledger.publisher import Publisher
+from ledger.core import events as ev
+from ledger.nats.publisher import Publisher
 from projections.projector import Projector
 from projections.queries import sweep_queue
 from projections.store import open_db

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from nats.js import JetStreamContext
 
-from ledger import events as ev
-from ledger.publisher import Publisher
+from ledger.core import events as ev
+from ledger.nats.publisher import Publisher
 from projections.projector import Projector
 from tests.conftest import Started, stop_task
 from tests.factory import (

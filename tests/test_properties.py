@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from msgspec.structs import replace
 
-from ledger.events import (
+from ledger.core.events import (
     RUN_EVENT_TYPES,
     SWEEP_EVENT_TYPES,
     AnyEvent,
@@ -36,8 +36,8 @@ from ledger.events import (
     encode_event,
     subject_of,
 )
-from ledger.fold import Entry, Recorded, Views
-from ledger.machine import (
+from ledger.core.fold import Entry, Recorded, Views
+from ledger.core.machine import (
     SWEEP_TERMINAL,
     TERMINAL,
     Run,
@@ -47,7 +47,7 @@ from ledger.machine import (
     evolve_sweep,
     used_attempt,
 )
-from projections.lookups import BatchKeys
+from projections.views import BatchKeys
 
 ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-"
 EVENT_ID_PATTERN = mi.type_info(RunStarted).fields[0].type.pattern  # type: ignore[attr-defined]

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from nats.js import JetStreamContext
 
-from ledger import events as ev
-from ledger.control import change_sweep, claim_next, kill_run
+from ledger.core import events as ev
 from ledger.errors import CommandRefused
-from ledger.publisher import Publisher
+from ledger.nats.control import change_sweep, claim_next, kill_run
+from ledger.nats.publisher import Publisher
 from projections.projector import Projector
 from projections.reactors import Monitor, SweepReactor
 from tests.factory import at, exited, heartbeat, preempting, run_row, started, sweep
@@ -151,7 +151,7 @@ class TestCommands:
 
 
 async def _all(js: JetStreamContext) -> list[ev.AnyEvent]:
-    from ledger.stream import PullReader
+    from ledger.nats.stream import PullReader
 
     reader = PullReader(js, 1)
     await reader.start()

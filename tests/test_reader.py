@@ -9,12 +9,11 @@ import httpx
 import pytest
 
 from ledger import Reader, ReadFailed
-from ledger import events as ev
-from ledger.fold import Entry
-from ledger.machine import Run
-from ledger.publisher import Publisher
-from projections.queries import SweepView
-from projections.timeline import Timeline
+from ledger.core import events as ev
+from ledger.core.fold import Entry
+from ledger.core.machine import Run
+from ledger.core.shapes import SweepView, Timeline
+from ledger.nats.publisher import Publisher
 from tests.factory import exited, heartbeat, started, sweep
 
 

@@ -25,12 +25,18 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from ledger import events as ev
-from ledger.archive import ArchiveError, export_stream, import_stream
-from ledger.events import encode_event, subject_of
-from ledger.publisher import Publisher
-from ledger.server import EmbeddedNats, free_port
-from ledger.stream import STREAM, connect, ensure_stream, read_range, recorded_at_of
+from ledger.core import events as ev
+from ledger.core.events import encode_event, subject_of
+from ledger.nats.archive import ArchiveError, export_stream, import_stream
+from ledger.nats.publisher import Publisher
+from ledger.nats.server import EmbeddedNats, free_port
+from ledger.nats.stream import (
+    STREAM,
+    connect,
+    ensure_stream,
+    read_range,
+    recorded_at_of,
+)
 from projections import queries
 from projections.api import ApiState, api_server
 from projections.compare import verify
@@ -503,7 +509,7 @@ class TestAsOf:
 
 def test_replay_json_row_shape_is_the_runs_row() -> None:
     """The schema's row codecs round-trip (the rebuild writes through them)."""
-    from ledger.machine import Run
+    from ledger.core.machine import Run
     from projections.schema import run_row
     from tests.factory import T0
 

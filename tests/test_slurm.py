@@ -23,12 +23,12 @@ from pathlib import Path
 import pytest
 from nats.js import JetStreamContext
 
-from ledger import events as ev
-from ledger.decide import StartRefused, decide_start
-from ledger.machine import Run, evolve, new_run
-from ledger.schedulers import SETTLE_S, Verdict, detect
-from ledger.schedulers.slurm import Slurm, classify, oom_kills
-from ledger.server import EmbeddedNats, free_port
+from ledger.core import events as ev
+from ledger.core.decide import StartRefused, decide_start
+from ledger.core.machine import Run, evolve, new_run
+from ledger.jobs.schedulers import SETTLE_S, Verdict, detect
+from ledger.jobs.schedulers.slurm import Slurm, classify, oom_kills
+from ledger.nats.server import EmbeddedNats, free_port
 from projections.projector import Projector
 from projections.queries import history
 from projections.store import open_db

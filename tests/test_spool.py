@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from ledger import events as ev
-from ledger.client import AsyncLedger
-from ledger.server import EmbeddedNats, free_port
-from ledger.spool import Spool
-from ledger.stream import connect, ensure_stream
+from ledger.core import events as ev
+from ledger.jobs.client import AsyncLedger
+from ledger.jobs.spool import Spool
+from ledger.nats.server import EmbeddedNats, free_port
+from ledger.nats.stream import connect, ensure_stream
 from tests.jobs import (
     LEDGER,
     async_wait_until,

@@ -21,11 +21,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ledger.events import AnyEvent, encode_event, subject_of
-from ledger.fold import Entry, Views
-from ledger.machine import RUN_STATES, Run
-from ledger.stream import StreamMessage
-from projections.lookups import BatchKeys, ViewCache, read_views
+from ledger.core.events import AnyEvent, encode_event, subject_of
+from ledger.core.fold import Entry, Views
+from ledger.core.machine import RUN_STATES, Run
+from ledger.nats.stream import StreamMessage
 from projections.schema import SCHEMA, entry_from_row, run_from_row
 from projections.store import (
     CheckpointMoved,
@@ -37,6 +36,7 @@ from projections.store import (
     fold,
     open_db,
 )
+from projections.views import BatchKeys, ViewCache, read_views
 from tests.factory import dump_views, exited, heartbeat, started
 from tests.test_properties import EPOCH, event_lists
 

@@ -14,10 +14,10 @@ import pytest
 from nats.js import JetStreamContext
 from playwright.async_api import Browser, Page, async_playwright, expect
 
-from ledger import events as ev
-from ledger.publisher import Publisher
-from ledger.server import free_port
-from ledger.stream import PullReader, stream_last_seq
+from ledger.core import events as ev
+from ledger.nats.publisher import Publisher
+from ledger.nats.server import free_port
+from ledger.nats.stream import PullReader, stream_last_seq
 from projections.auth import is_loopback
 from projections.projector import Projector
 from tests.factory import exited, heartbeat, started, sweep

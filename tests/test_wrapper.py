@@ -10,7 +10,7 @@ from pathlib import Path
 
 from nats.js import JetStreamContext
 
-from ledger import events as ev
+from ledger.core import events as ev
 from tests.jobs import job_env, ledger_run, run_events, run_state, types, wait_until
 
 PY = sys.executable

@@ -1,6 +1,6 @@
 """The web view's actions: pause, resume, stop and cancel a sweep; kill a run.
 
-Each POST calls what the ``ledger`` command calls (``ledger.control``): the
+Each POST calls what the ``ledger`` command calls (``ledger.nats.control``): the
 same events, the same refusals, the same one-line messages. Allowed only
 when the API has an HTTP token (every request then proves it) or listens on
 loopback, and only from the ledger's own pages (``Sec-Fetch-Site``/``Origin``).
@@ -17,9 +17,9 @@ import msgspec
 from litestar import Request, Response, post
 from litestar.params import FromPath
 
-from ledger import control
 from ledger.errors import InvalidEvent, LedgerError, StreamUnavailable
-from ledger.publisher import Publisher
+from ledger.nats import control
+from ledger.nats.publisher import Publisher
 from projections.auth import same_origin
 from projections.web.pages import actions_allowed
 

@@ -12,7 +12,7 @@ from typing import Final, Literal
 
 import aiosqlite
 
-from ledger.machine import Run
+from ledger.core.machine import Run
 from projections.schema import RUN_COLUMNS, run_from_row
 
 Sort = Literal["run_id", "started"]

@@ -24,10 +24,11 @@ from litestar.params import Body, FromPath
 from litestar.response import Redirect, ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 
+from ledger.core import shapes
+from ledger.core.events import ENTITY_ID_RE, RunStarted, decode_event
+from ledger.core.machine import RUN_STATES, TERMINAL
 from ledger.errors import InvalidEvent, StreamUnavailable
-from ledger.events import ENTITY_ID_RE, RunStarted, decode_event
-from ledger.machine import RUN_STATES, TERMINAL
-from ledger.stream import read_range
+from ledger.nats.stream import read_range
 from projections import queries, timeline
 from projections.auth import COOKIE, token_matches
 from projections.store import read_checkpoint
@@ -158,11 +159,11 @@ async def _started_events(js: Any, run_id: str) -> list[RunStarted]:
     return found
 
 
-def _routine(entry: timeline.TimelineEntry) -> bool:
+def _routine(entry: shapes.TimelineEntry) -> bool:
     return entry.event_type == "run.heartbeat" and entry.effect == "applied" and not entry.history
 
 
-def _audit_rows(entries: list[timeline.TimelineEntry]) -> str:
+def _audit_rows(entries: list[shapes.TimelineEntry]) -> str:
     """A row per message; a long stretch of routine heartbeats folds into its first, a count, and its last."""
     rows: list[str] = []
     i = 0
@@ -181,13 +182,13 @@ def _audit_rows(entries: list[timeline.TimelineEntry]) -> str:
     return "".join(rows)
 
 
-def _audit_row(e: timeline.TimelineEntry) -> str:
+def _audit_row(e: shapes.TimelineEntry) -> str:
     return (f'<tr class="effect-{e.effect}"><td class=num>{e.seq}</td><td>{render.when(e.recorded_at)}</td>'
             f"<td><code>{esc(e.event_type or e.subject)}</code></td><td class=num>{esc(e.attempt)}</td>"
             f'<td><span class="effect">{esc(e.effect)}</span></td><td>{esc(e.why)}</td></tr>')
 
 
-def _audit_table(trail: timeline.Timeline) -> str:
+def _audit_table(trail: shapes.Timeline) -> str:
     rows = _audit_rows(trail.events)
     summary = ", ".join(f"{n} {effect}" for effect, n in sorted(trail.summary.items()))
     return (f'<p class="dim">{len(trail.events)} messages: {esc(summary)}</p>'
@@ -207,7 +208,7 @@ async def run_page(request: Request[Any, Any, Any], run_id: FromPath[str]) -> Re
         return _error_page(f"Run {run_id}", f"unknown run {run_id!r}", seq, 404)
     entries = await queries.history(db, "run", run_id)
     js = _state(request).js
-    trail: timeline.Timeline | None = None
+    trail: shapes.Timeline | None = None
     starts: list[RunStarted] = []
     note = ""
     if js is None:

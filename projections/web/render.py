@@ -16,8 +16,8 @@ from string import Template
 from typing import Any, Final
 from urllib.parse import quote, urlencode
 
-from ledger.fold import Entry
-from ledger.machine import RUN_STATES, TERMINAL, Run
+from ledger.core.fold import Entry
+from ledger.core.machine import RUN_STATES, TERMINAL, Run
 
 TEMPLATES: Final = Path(__file__).parent / "templates"
 STATE_COLOURS: Final = {

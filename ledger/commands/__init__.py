@@ -1,1 +1,0 @@
-"""The verbs of the ``ledger`` command, one module per kind of work."""
