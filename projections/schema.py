@@ -25,10 +25,11 @@ CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY, sweep_id TEXT, state TEXT NOT NULL, attempt INTEGER NOT NULL,
     created_at TEXT, started_at TEXT, ended_at TEXT, last_heartbeat_at TEXT,
     step INTEGER, progress REAL, exit_code INTEGER, signal INTEGER,
-    preempting INTEGER NOT NULL, reproduced_from TEXT, seq INTEGER NOT NULL
+    preempting INTEGER NOT NULL, reproduced_from TEXT, seq INTEGER NOT NULL, last_seen_at TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_by_sweep ON runs (sweep_id, state);
-CREATE INDEX IF NOT EXISTS runs_by_state ON runs (state);
+CREATE INDEX IF NOT EXISTS runs_by_state_seen ON runs (state, last_seen_at);
+CREATE INDEX IF NOT EXISTS runs_in_sweeps_by_seq ON runs (seq) WHERE sweep_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS sweeps (
     sweep_id TEXT PRIMARY KEY, state TEXT NOT NULL, created_at TEXT, updated_at TEXT,
     seq INTEGER NOT NULL

@@ -38,14 +38,14 @@ from ledger.core.events import (
     tag_of,
 )
 from ledger.core.fold import Recorded, Views
-from ledger.core.machine import ALIVE, TERMINAL, Run, Sweep, new_run
+from ledger.core.machine import HEARTBEAT_ENDED, Run, Sweep, crash_ignored, new_run
 from ledger.core.shapes import Timeline, TimelineEntry
 from ledger.errors import InvalidEvent
 from ledger.nats.entity import implied_by, implied_sweep, recorded_on
 from ledger.nats.stream import StreamMessage, read_range, recorded_at_of
 
-SKIP_FIELDS: Final = frozenset({"seq"})
-"""Fields not reported as changes: ``seq`` moves with every change."""
+SKIP_FIELDS: Final = frozenset({"seq", "last_seen_at"})
+"""Fields not reported as changes: ``seq`` and ``last_seen_at`` move with every change."""
 
 
 def _changes(before: Run | None, after: Run | None) -> dict[str, list[Any]]:
@@ -75,16 +75,20 @@ def _why(outcome: str, event: AnyEvent, base: Run, after: Run | None, created: b
         return (f"stale: fenced, the event's attempt {event.attempt} is not the run's attempt "  # type: ignore[union-attr]
                 f"{base.attempt} (a zombie of another attempt){suffix}")
     if outcome == "late":
-        if isinstance(event, RunHeartbeat) and base.state not in TERMINAL | {"preempted"}:
+        if isinstance(event, RunHeartbeat) and base.state not in HEARTBEAT_ENDED:
             return (f"late heartbeat: older (at {event.at}) than the last one applied in attempt {base.attempt} "
                     f"(at {base.last_heartbeat_at}); no change")
         return f"late heartbeat: the run is {base.state}; no state change"
     if outcome == "unchanged":
         if isinstance(event, RunCrashed):
-            if base.state not in ALIVE:
-                return f"stale crash: the run is {base.state}, not alive"
-            return (f"stale crash: a heartbeat at {base.last_heartbeat_at} came after the crash's "
-                    f"last_heartbeat_at {event.last_heartbeat_at}")
+            match crash_ignored(base, event):
+                case "not-alive":
+                    return f"stale crash: the run is {base.state}, not alive"
+                case "heartbeat-after":
+                    return (f"stale crash: a heartbeat at {base.last_heartbeat_at} came after the crash's "
+                            f"last_heartbeat_at {event.last_heartbeat_at}")
+                case None:
+                    pass
         return f"no-op: {tag_of(event)} changes nothing on a {base.state} run"
     if created and after is not None:
         return f"created the run as {after.state}"

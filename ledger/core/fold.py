@@ -107,7 +107,7 @@ class Views:
                 result, run = step(old_run, event)  # type: ignore[arg-type]
                 if result != "applied":
                     return result
-            self.runs[run_id] = run = replace(run, seq=rec.seq)
+            self.runs[run_id] = run = replace(run, seq=rec.seq, last_seen_at=rec.recorded_at)
             self.dirty_runs.add(run_id)
             if old_run is None or old_run.state != run.state or old_run.attempt != run.attempt:
                 self.history.append(("run", run_id, self._entry(run.state, rec)))
