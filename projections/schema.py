@@ -28,7 +28,7 @@ CREATE TABLE IF NOT EXISTS runs (
     preempting INTEGER NOT NULL, reproduced_from TEXT, seq INTEGER NOT NULL, last_seen_at TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_by_sweep ON runs (sweep_id, state);
-CREATE INDEX IF NOT EXISTS runs_by_state_seen ON runs (state, last_seen_at);
+CREATE INDEX IF NOT EXISTS runs_by_state ON runs (state, last_seen_at);
 CREATE INDEX IF NOT EXISTS runs_in_sweeps_by_seq ON runs (seq) WHERE sweep_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS sweeps (
     sweep_id TEXT PRIMARY KEY, state TEXT NOT NULL, created_at TEXT, updated_at TEXT,
@@ -49,6 +49,10 @@ CREATE TABLE IF NOT EXISTS quarantine (
 );
 """
 
+RUN_INDEXES: Final = ("runs_by_sweep", "runs_by_state", "runs_in_sweeps_by_seq")
+"""The runs table's indexes: by sweep (a sweep's runs, its open runs), by (state, last_seen_at) (listings by
+state; the monitor's expired runs and next deadline), and by seq for runs of a sweep (the sweep reactor's
+"what changed since")."""
 VIEW_TABLES: Final = ("runs", "sweeps", "history", "seen", "quarantine", "checkpoint")
 RUN_COLUMNS: Final = Run.__struct_fields__
 SWEEP_COLUMNS: Final = Sweep.__struct_fields__
