@@ -38,7 +38,14 @@ from ledger.core.react import crash_on_silence, finish_when_done, kill_on_cancel
 from ledger.errors import LedgerError
 from ledger.nats.publisher import Publisher
 from projections.projector import SeqNotifier
-from projections.schema import RUN_COLUMNS, iso, run_from_row, sweep_from_row
+from projections.schema import (
+    RECORDED_RUN_COLUMNS,
+    RUN_COLUMNS,
+    iso,
+    recorded_run_from_row,
+    run_from_row,
+    sweep_from_row,
+)
 from projections.store import open_db
 
 Clock = Callable[[], datetime]
@@ -59,7 +66,7 @@ def sql_list(states: Iterable[str]) -> str:
 
 
 _RUN_SELECT: Final = f"SELECT {', '.join(RUN_COLUMNS)} FROM runs"
-EXPIRED: Final = f"{_RUN_SELECT} WHERE state IN {sql_list(ALIVE)} AND last_seen_at <= ?"
+EXPIRED: Final = f"SELECT {', '.join(RECORDED_RUN_COLUMNS)} FROM runs WHERE state IN {sql_list(ALIVE)} AND last_seen_at <= ?"
 """Alive runs last seen at or before the cutoff (the index on (state, last_seen_at))."""
 NEXT_SEEN: Final = "SELECT last_seen_at FROM runs WHERE state = ? AND last_seen_at > ? ORDER BY last_seen_at LIMIT 1"
 """The earliest last sign of life after the cutoff among runs in one alive state (one index probe)."""
@@ -171,7 +178,7 @@ class Monitor(Reactor):
         now = self.clock()
         cutoff = iso(now - self.timeout)
         async with db.execute(EXPIRED, (cutoff,)) as cur:
-            expired = [run_from_row(row) for row in await cur.fetchall()]
+            expired = [recorded_run_from_row(row) for row in await cur.fetchall()]
         crashes: list[ev.AnyEvent] = [c for run in expired if (c := crash_on_silence(run, now, self.timeout))]
         earliest: list[datetime] = []
         for state in sorted(ALIVE):

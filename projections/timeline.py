@@ -37,7 +37,7 @@ from ledger.core.events import (
     decode_event,
     tag_of,
 )
-from ledger.core.fold import Recorded, Views
+from ledger.core.fold import Recorded, Views, as_run
 from ledger.core.machine import HEARTBEAT_ENDED, Run, Sweep, crash_ignored, new_run
 from ledger.core.shapes import Timeline, TimelineEntry
 from ledger.errors import InvalidEvent
@@ -104,7 +104,7 @@ def _quarantined(msg: StreamMessage, reason: str, run: Run | None) -> TimelineEn
     return TimelineEntry(
         seq=msg.seq, recorded_at=recorded_at_of(msg), subject=msg.subject, event_id=None, event_type=None, at=None,
         attempt=None, effect="quarantined", why=f"quarantined: {reason}", changes={}, history=False,
-        state=run.state if run else None, run=run)
+        state=run.state if run else None, run=as_run(run) if run else None)
 
 
 def run_subject(run_id: str) -> str:
@@ -142,9 +142,10 @@ async def run_timeline(js: JetStreamContext, run_id: str, *, stall_timeout: floa
                     event_type=tag_of(event), at=event.at, attempt=event.attempt, effect=outcome,  # type: ignore[arg-type]
                     why=_why(outcome, event, base, after, current is None and after is not None, first_seen, changes),
                     changes=changes, history=made_entry,
-                    state=after.state if after else None, run=after))
+                    state=after.state if after else None, run=as_run(after) if after else None))
     summary: Counter[str] = Counter(e.effect for e in entries)
-    return Timeline(run_id=run_id, events=entries, summary=dict(summary), run=views.runs.get(run_id))
+    final = views.runs.get(run_id)
+    return Timeline(run_id=run_id, events=entries, summary=dict(summary), run=as_run(final) if final else None)
 
 
 # --------------------------------------------------------------------------- as of
@@ -168,7 +169,8 @@ async def _fold_until(js: JetStreamContext, subject: str, cut: AsOf, stall_timeo
 async def run_as_of(js: JetStreamContext, run_id: str, cut: AsOf, *, stall_timeout: float = 10.0) -> Run | None:
     """The run as the ledger held it after the last of its events at or before the cut; None if unknown then."""
     views = await _fold_until(js, run_subject(run_id), cut, stall_timeout)
-    return views.runs.get(run_id)
+    run = views.runs.get(run_id)
+    return as_run(run) if run is not None else None
 
 
 async def sweep_as_of(js: JetStreamContext, sweep_id: str, cut: AsOf, *, stall_timeout: float = 10.0) -> Sweep | None:

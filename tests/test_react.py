@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ledger.core.events import RunHeartbeat, RunStarted
-from ledger.core.fold import Recorded, Views
+from ledger.core.fold import Recorded, RecordedRun, Views, as_run
 from ledger.core.machine import ALIVE, RUN_STATES, TERMINAL, Run, Sweep, evolve
 from ledger.core.react import crash_deadline, crash_on_silence, derived_id, finish_when_done, kill_on_cancel
 
@@ -75,7 +75,7 @@ class TestCrashOnSilence:
     @pytest.mark.parametrize("state", RUN_STATES)
     def test_only_alive_runs_are_watched(self, state: str) -> None:
         """Only initializing, running and stopping runs have a crash deadline."""
-        run = Run(run_id="r1", state=state, last_seen_at=T0)  # type: ignore[arg-type]
+        run = RecordedRun(run_id="r1", state=state, last_seen_at=T0)  # type: ignore[arg-type]
         expected = T0 + TIMEOUT if state in ALIVE else None
         assert (expected, expected is not None) == (
             crash_deadline(run, TIMEOUT), crash_on_silence(run, T0 + TIMEOUT, TIMEOUT) is not None)
@@ -108,3 +108,19 @@ class TestSweepReactions:
         assert finished is not None
         assert (None, derived_id("finish", "s1", "stop-1"), "stopped and all runs done") == (
             finish_when_done(sweep, "stop-1", self._runs(), T0), finished.id, finished.reason)
+
+
+class TestLastSeen:
+    def test_only_applied_events_are_signs_of_life(self) -> None:
+        """The fold stamps last_seen_at with the stream's clock of each applied event; a late heartbeat or a
+        zombie's event of another attempt is no sign of life; readers get the contract's Run without it."""
+        views = Views().fold([recorded(1, 100, 0, RunStarted), recorded(2, 105, 5)])
+        late = Recorded(3, T0 + timedelta(seconds=9), RunHeartbeat(id="e3", at=T0 + timedelta(seconds=101),
+                                                                    run_id="r1"))
+        zombie = Recorded(4, T0 + timedelta(seconds=12), RunHeartbeat(id="e4", at=T0 + timedelta(seconds=200),
+                                                                      run_id="r1", attempt=7))
+        assert ("late", "stale") == (views.apply(late), views.apply(zombie))
+        run = views.runs["r1"]
+        assert (T0 + timedelta(seconds=5), 2) == (run.last_seen_at, run.seq)  # type: ignore[attr-defined]
+        assert ("last_seen_at" in RecordedRun.__struct_fields__, "last_seen_at" in Run.__struct_fields__,
+                Run) == (True, False, type(as_run(run)))

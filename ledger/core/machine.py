@@ -90,9 +90,6 @@ class Run(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     preempting: bool = False
     reproduced_from: str | None = None
     seq: int = 0
-    last_seen_at: datetime | None = None
-    """When the stream recorded the last event applied to the run (the ledger's clock, never the
-    producer's): liveness measures silence from here. Stamped by the fold, like ``seq``."""
 
     @property
     def terminal(self) -> bool:

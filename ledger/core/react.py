@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 
 from ledger.core.events import RunCrashed, RunKilled, SweepFinished
+from ledger.core.fold import RecordedRun
 from ledger.core.machine import ALIVE, TERMINAL, Run, Sweep
 
 CRASH_REASON = "heartbeat-timeout"
@@ -35,7 +36,7 @@ def _stamp(value: datetime | None) -> str:
     return value.isoformat() if value is not None else "-"
 
 
-def crash_deadline(run: Run, timeout: timedelta) -> datetime | None:
+def crash_deadline(run: RecordedRun, timeout: timedelta) -> datetime | None:
     """When the run's silence turns into a crash (ledger's clock); None if the monitor does not watch it.
 
     Silence is measured from ``last_seen_at``, when the stream recorded the
@@ -48,7 +49,7 @@ def crash_deadline(run: Run, timeout: timedelta) -> datetime | None:
     return run.last_seen_at + timeout
 
 
-def crash_on_silence(run: Run, now: datetime, timeout: timedelta) -> RunCrashed | None:
+def crash_on_silence(run: RecordedRun, now: datetime, timeout: timedelta) -> RunCrashed | None:
     """``run.crashed`` for a run alive and silent for ``timeout`` at ``now``; None otherwise.
 
     The crash carries the run's ``last_heartbeat_at`` (the producer's clock, as
