@@ -41,6 +41,7 @@ from projections.projector import SeqNotifier
 from projections.schema import (
     RECORDED_RUN_COLUMNS,
     RUN_COLUMNS,
+    SWEEP_COLUMNS,
     iso,
     recorded_run_from_row,
     run_from_row,
@@ -66,12 +67,13 @@ def sql_list(states: Iterable[str]) -> str:
 
 
 _RUN_SELECT: Final = f"SELECT {', '.join(RUN_COLUMNS)} FROM runs"
-EXPIRED: Final = f"SELECT {', '.join(RECORDED_RUN_COLUMNS)} FROM runs WHERE state IN {sql_list(ALIVE)} AND last_seen_at <= ?"
+EXPIRED: Final = (f"SELECT {', '.join(RECORDED_RUN_COLUMNS)} FROM runs "
+                  f"WHERE state IN {sql_list(ALIVE)} AND last_seen_at <= ?")
 """Alive runs last seen at or before the cutoff (the index on (state, last_seen_at))."""
 NEXT_SEEN: Final = "SELECT last_seen_at FROM runs WHERE state = ? AND last_seen_at > ? ORDER BY last_seen_at LIMIT 1"
 """The earliest last sign of life after the cutoff among runs in one alive state (one index probe)."""
 CHANGED_SWEEPS: Final = (
-    f"SELECT sweep_id, state, created_at, updated_at, seq FROM sweeps WHERE state IN {sql_list(SWEEP_REACTING)} "
+    f"SELECT {', '.join(SWEEP_COLUMNS)} FROM sweeps WHERE state IN {sql_list(SWEEP_REACTING)} "
     "AND (seq > ? OR sweep_id IN (SELECT sweep_id FROM runs WHERE sweep_id IS NOT NULL AND seq > ?))")
 """Cancelled or stopped sweeps whose row or runs changed after a sequence (the partial index on runs' seq)."""
 OPEN_RUNS: Final = f"{_RUN_SELECT} WHERE sweep_id = ? AND state IN {sql_list(NON_TERMINAL)}"
