@@ -44,8 +44,9 @@ from ledger.errors import InvalidEvent
 from ledger.nats.entity import implied_by, implied_sweep, recorded_on
 from ledger.nats.stream import StreamMessage, read_range, recorded_at_of
 
-SKIP_FIELDS: Final = frozenset({"seq", "last_seen_at"})
-"""Fields not reported as changes: ``seq`` and ``last_seen_at`` move with every change."""
+SKIP_FIELDS: Final = frozenset({"seq"})
+"""Fields not reported as changes: ``seq`` moves with every change (and the contract's Run is compared:
+``last_seen_at``, the views' own stamp, is not a field of it)."""
 
 
 def _changes(before: Run | None, after: Run | None) -> dict[str, list[Any]]:

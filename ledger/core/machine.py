@@ -304,8 +304,6 @@ def _beat(run: Run, event: RunHeartbeat) -> Run:
     )
 
 
-
-
 _SWEEP_MOVES: Final[dict[type, tuple[frozenset[str], SweepState]]] = {
     SweepCreated: (frozenset(), "running"),
     SweepPaused: (frozenset({"running"}), "paused"),
