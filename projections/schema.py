@@ -12,7 +12,7 @@ from typing import Any, Final
 import msgspec
 from msgspec.structs import astuple
 
-from ledger.core.fold import Entry
+from ledger.core.fold import Entry, RecordedRun
 from ledger.core.machine import Run, Sweep
 
 SCHEMA: Final = """
@@ -25,10 +25,11 @@ CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY, sweep_id TEXT, state TEXT NOT NULL, attempt INTEGER NOT NULL,
     created_at TEXT, started_at TEXT, ended_at TEXT, last_heartbeat_at TEXT,
     step INTEGER, progress REAL, exit_code INTEGER, signal INTEGER,
-    preempting INTEGER NOT NULL, reproduced_from TEXT, seq INTEGER NOT NULL
+    preempting INTEGER NOT NULL, reproduced_from TEXT, seq INTEGER NOT NULL, last_seen_at TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_by_sweep ON runs (sweep_id, state);
-CREATE INDEX IF NOT EXISTS runs_by_state ON runs (state);
+CREATE INDEX IF NOT EXISTS runs_by_state ON runs (state, last_seen_at);
+CREATE INDEX IF NOT EXISTS runs_in_sweeps_by_seq ON runs (seq) WHERE sweep_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS sweeps (
     sweep_id TEXT PRIMARY KEY, state TEXT NOT NULL, created_at TEXT, updated_at TEXT,
     seq INTEGER NOT NULL
@@ -48,8 +49,15 @@ CREATE TABLE IF NOT EXISTS quarantine (
 );
 """
 
+RUN_INDEXES: Final = ("runs_by_sweep", "runs_by_state", "runs_in_sweeps_by_seq")
+"""The runs table's indexes: by sweep (a sweep's runs, its open runs), by (state, last_seen_at) (listings by
+state; the monitor's expired runs and next deadline), and by seq for runs of a sweep (the sweep reactor's
+"what changed since")."""
 VIEW_TABLES: Final = ("runs", "sweeps", "history", "seen", "quarantine", "checkpoint")
 RUN_COLUMNS: Final = Run.__struct_fields__
+"""The contract's Run: what readers select (the API, the web view)."""
+RECORDED_RUN_COLUMNS: Final = RecordedRun.__struct_fields__
+"""Every column of ``runs``, in table order: the Run and what the fold stamps besides (``last_seen_at``)."""
 SWEEP_COLUMNS: Final = Sweep.__struct_fields__
 ENTRY_COLUMNS: Final = Entry.__struct_fields__
 
@@ -86,7 +94,8 @@ def _cell(value: Any) -> Any:
 
 
 def run_row(run: Run) -> tuple[Any, ...]:
-    return tuple(map(_cell, astuple(run)))  # fields in RUN_COLUMNS order
+    """A folded run as a ``runs`` row (RECORDED_RUN_COLUMNS order; the fold keeps a RecordedRun)."""
+    return tuple(map(_cell, astuple(run)))
 
 
 def sweep_row(sweep: Sweep) -> tuple[Any, ...]:
@@ -99,6 +108,11 @@ def entry_row(kind: str, entity_id: str, entry: Entry) -> tuple[Any, ...]:
 
 def run_from_row(row: tuple[Any, ...] | Any) -> Run:
     return msgspec.convert(dict(zip(RUN_COLUMNS, row)), Run, strict=False)
+
+
+def recorded_run_from_row(row: tuple[Any, ...] | Any) -> RecordedRun:
+    """A whole ``runs`` row (``SELECT *``), as the fold reads it back."""
+    return msgspec.convert(dict(zip(RECORDED_RUN_COLUMNS, row)), RecordedRun, strict=False)
 
 
 def sweep_from_row(row: tuple[Any, ...] | Any) -> Sweep:
@@ -129,7 +143,7 @@ INSERT_ENTRY: Final = (
 )
 """One history row bound as parameters: for text JSON cannot carry into SQLite (a NUL ends it there)."""
 INSERT_SEEN: Final = _from_json_rows("seen", ("event_id", "seq"), "INSERT OR IGNORE")
-UPSERT_RUNS: Final = _from_json_rows("runs", RUN_COLUMNS, "INSERT OR REPLACE")
+UPSERT_RUNS: Final = _from_json_rows("runs", RECORDED_RUN_COLUMNS, "INSERT OR REPLACE")
 UPSERT_SWEEPS: Final = _from_json_rows("sweeps", SWEEP_COLUMNS, "INSERT OR REPLACE")
 
 

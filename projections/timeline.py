@@ -37,15 +37,16 @@ from ledger.core.events import (
     decode_event,
     tag_of,
 )
-from ledger.core.fold import Recorded, Views
-from ledger.core.machine import ALIVE, TERMINAL, Run, Sweep, new_run
+from ledger.core.fold import Recorded, Views, as_run
+from ledger.core.machine import HEARTBEAT_ENDED, Run, Sweep, crash_ignored, new_run
 from ledger.core.shapes import Timeline, TimelineEntry
 from ledger.errors import InvalidEvent
 from ledger.nats.entity import implied_by, implied_sweep, recorded_on
 from ledger.nats.stream import StreamMessage, read_range, recorded_at_of
 
 SKIP_FIELDS: Final = frozenset({"seq"})
-"""Fields not reported as changes: ``seq`` moves with every change."""
+"""Fields not reported as changes: ``seq`` moves with every change (and the contract's Run is compared:
+``last_seen_at``, the views' own stamp, is not a field of it)."""
 
 
 def _changes(before: Run | None, after: Run | None) -> dict[str, list[Any]]:
@@ -75,16 +76,20 @@ def _why(outcome: str, event: AnyEvent, base: Run, after: Run | None, created: b
         return (f"stale: fenced, the event's attempt {event.attempt} is not the run's attempt "  # type: ignore[union-attr]
                 f"{base.attempt} (a zombie of another attempt){suffix}")
     if outcome == "late":
-        if isinstance(event, RunHeartbeat) and base.state not in TERMINAL | {"preempted"}:
+        if isinstance(event, RunHeartbeat) and base.state not in HEARTBEAT_ENDED:
             return (f"late heartbeat: older (at {event.at}) than the last one applied in attempt {base.attempt} "
                     f"(at {base.last_heartbeat_at}); no change")
         return f"late heartbeat: the run is {base.state}; no state change"
     if outcome == "unchanged":
         if isinstance(event, RunCrashed):
-            if base.state not in ALIVE:
-                return f"stale crash: the run is {base.state}, not alive"
-            return (f"stale crash: a heartbeat at {base.last_heartbeat_at} came after the crash's "
-                    f"last_heartbeat_at {event.last_heartbeat_at}")
+            match crash_ignored(base, event):
+                case "not-alive":
+                    return f"stale crash: the run is {base.state}, not alive"
+                case "heartbeat-after":
+                    return (f"stale crash: a heartbeat at {base.last_heartbeat_at} came after the crash's "
+                            f"last_heartbeat_at {event.last_heartbeat_at}")
+                case None:
+                    pass
         return f"no-op: {tag_of(event)} changes nothing on a {base.state} run"
     if created and after is not None:
         return f"created the run as {after.state}"
@@ -100,7 +105,7 @@ def _quarantined(msg: StreamMessage, reason: str, run: Run | None) -> TimelineEn
     return TimelineEntry(
         seq=msg.seq, recorded_at=recorded_at_of(msg), subject=msg.subject, event_id=None, event_type=None, at=None,
         attempt=None, effect="quarantined", why=f"quarantined: {reason}", changes={}, history=False,
-        state=run.state if run else None, run=run)
+        state=run.state if run else None, run=as_run(run) if run else None)
 
 
 def run_subject(run_id: str) -> str:
@@ -138,9 +143,10 @@ async def run_timeline(js: JetStreamContext, run_id: str, *, stall_timeout: floa
                     event_type=tag_of(event), at=event.at, attempt=event.attempt, effect=outcome,  # type: ignore[arg-type]
                     why=_why(outcome, event, base, after, current is None and after is not None, first_seen, changes),
                     changes=changes, history=made_entry,
-                    state=after.state if after else None, run=after))
+                    state=after.state if after else None, run=as_run(after) if after else None))
     summary: Counter[str] = Counter(e.effect for e in entries)
-    return Timeline(run_id=run_id, events=entries, summary=dict(summary), run=views.runs.get(run_id))
+    final = views.runs.get(run_id)
+    return Timeline(run_id=run_id, events=entries, summary=dict(summary), run=as_run(final) if final else None)
 
 
 # --------------------------------------------------------------------------- as of
@@ -164,7 +170,8 @@ async def _fold_until(js: JetStreamContext, subject: str, cut: AsOf, stall_timeo
 async def run_as_of(js: JetStreamContext, run_id: str, cut: AsOf, *, stall_timeout: float = 10.0) -> Run | None:
     """The run as the ledger held it after the last of its events at or before the cut; None if unknown then."""
     views = await _fold_until(js, run_subject(run_id), cut, stall_timeout)
-    return views.runs.get(run_id)
+    run = views.runs.get(run_id)
+    return as_run(run) if run is not None else None
 
 
 async def sweep_as_of(js: JetStreamContext, sweep_id: str, cut: AsOf, *, stall_timeout: float = 10.0) -> Sweep | None:

@@ -16,7 +16,7 @@ import aiosqlite
 from ledger.core.events import RunEvent
 from ledger.core.fold import Recorded, Views, naming_sweep
 from ledger.core.machine import Run, Sweep
-from projections.schema import json_param, run_from_row, sweep_from_row
+from projections.schema import json_param, recorded_run_from_row, sweep_from_row
 
 V = TypeVar("V")
 
@@ -60,7 +60,7 @@ class BatchKeys(NamedTuple):
 def views_from_rows(rows: dict[str, Iterable[Any]]) -> Views:
     """A ``Views`` over the rows ``BatchKeys.lookups`` read (keyed by statement)."""
     return Views(
-        {r.run_id: r for r in map(run_from_row, rows.get(SELECT_RUNS, ()))},
+        {r.run_id: r for r in map(recorded_run_from_row, rows.get(SELECT_RUNS, ()))},
         {s.sweep_id: s for s in map(sweep_from_row, rows.get(SELECT_SWEEPS, ()))},
         {row[0] for row in rows.get(SELECT_SEEN, ())},
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,13 @@ async def project(js: JetStreamContext, db_path: Path) -> None:
     await Projector(js, db_path).run(until_idle=True)
 
 
+def seen_at(db_path: Path, run_id: str) -> datetime:
+    """When the stream recorded the run's last applied event, as the views keep it (the monitor's clock)."""
+    row = run_row(db_path, run_id)
+    assert row is not None
+    return datetime.fromisoformat(row["last_seen_at"])
+
+
 class TestMonitor:
     async def test_silent_run_crashes_once_with_two_monitors(self, js: JetStreamContext, publisher: Publisher,
                                                              db_path: Path) -> None:
@@ -28,7 +36,7 @@ class TestMonitor:
         await publisher.publish(started("r1", t=0))
         await publisher.publish(heartbeat("r1", t=10))
         await project(js, db_path)
-        clock = lambda: at(10 + 301)  # noqa: E731  (the monitors' now: just past the timeout)
+        clock = lambda: seen_at(db_path, "r1") + timedelta(seconds=301)  # noqa: E731  (just past the timeout)
         monitors = [Monitor(db_path, publisher, timeout=300, clock=clock) for _ in range(2)]
         assert [1, 1] == [await m.tick() for m in monitors]
         await project(js, db_path)
@@ -43,14 +51,16 @@ class TestMonitor:
         await publisher.publish(started("r1", t=0))
         await publisher.publish(heartbeat("r1", t=100))
         await project(js, db_path)
-        assert 0 == await Monitor(db_path, publisher, timeout=300, clock=lambda: at(399)).tick()
+        clock = lambda: seen_at(db_path, "r1") + timedelta(seconds=299)  # noqa: E731
+        assert 0 == await Monitor(db_path, publisher, timeout=300, clock=clock).tick()
 
     async def test_heartbeat_after_crash_revives(self, js: JetStreamContext, publisher: Publisher,
                                                  db_path: Path) -> None:
         """A crashed run that heartbeats again is running (rule 3)."""
         await publisher.publish(started("r1", t=0))
         await project(js, db_path)
-        await Monitor(db_path, publisher, timeout=300, clock=lambda: at(400)).tick()
+        silent = seen_at(db_path, "r1") + timedelta(seconds=400)
+        await Monitor(db_path, publisher, timeout=300, clock=lambda: silent).tick()
         await project(js, db_path)
         assert "crashed" == run_row(db_path, "r1")["state"]  # type: ignore[index]
         await publisher.publish(heartbeat("r1", t=401))
@@ -61,7 +71,8 @@ class TestMonitor:
         """A crash decided on views that lagged behind a newer heartbeat changes nothing (rule 9)."""
         await publisher.publish(started("r1", t=0))
         await project(js, db_path)
-        monitor = Monitor(db_path, publisher, timeout=300, clock=lambda: at(400))
+        silent = seen_at(db_path, "r1") + timedelta(seconds=400)
+        monitor = Monitor(db_path, publisher, timeout=300, clock=lambda: silent)
         await publisher.publish(heartbeat("r1", t=399))  # in the stream, not yet in the views
         await monitor.tick()
         await project(js, db_path)

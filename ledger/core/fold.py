@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import Literal, TypeAlias
 
 import msgspec
+from msgspec import structs
 from msgspec.structs import replace
 
 from ledger.core.events import (
@@ -58,6 +59,29 @@ class Recorded(msgspec.Struct, frozen=True, gc=False):
     seq: int
     recorded_at: datetime
     event: AnyEvent
+
+
+class RecordedRun(Run, frozen=True, kw_only=True, gc=False):
+    """A run as the views keep it: the contract's Run, plus when the stream recorded the last event
+    applied to it (``last_seen_at``, the ledger's clock, never the producer's). Liveness measures
+    silence from there (CONTRACT section 2). Stamped by the fold, like ``seq``; readers show ``as_run``.
+    """
+
+    last_seen_at: datetime | None = None
+
+
+def recorded_run(run: Run, seq: int, recorded_at: datetime) -> RecordedRun:
+    """``run`` stamped with the stream's sequence and clock of the event just applied to it."""
+    if type(run) is RecordedRun:
+        return replace(run, seq=seq, last_seen_at=recorded_at)
+    return RecordedRun(**{**structs.asdict(run), "seq": seq, "last_seen_at": recorded_at})
+
+
+def as_run(run: Run) -> Run:
+    """The contract's Run shape of a run the views keep (what the API and the audit show)."""
+    if type(run) is Run:
+        return run
+    return Run(**{name: getattr(run, name) for name in Run.__struct_fields__})
 
 
 class Entry(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -107,7 +131,7 @@ class Views:
                 result, run = step(old_run, event)  # type: ignore[arg-type]
                 if result != "applied":
                     return result
-            self.runs[run_id] = run = replace(run, seq=rec.seq)
+            self.runs[run_id] = run = recorded_run(run, rec.seq, rec.recorded_at)
             self.dirty_runs.add(run_id)
             if old_run is None or old_run.state != run.state or old_run.attempt != run.attempt:
                 self.history.append(("run", run_id, self._entry(run.state, rec)))

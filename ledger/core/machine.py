@@ -48,15 +48,23 @@ SweepState: TypeAlias = Literal[
 ]
 RUN_STATES: Final[tuple[RunState, ...]] = RunState.__args__  # type: ignore[attr-defined]
 SWEEP_STATES: Final[tuple[SweepState, ...]] = SweepState.__args__  # type: ignore[attr-defined]
-TERMINAL: Final = frozenset({"finished", "failed", "killed"})
+TERMINAL: Final[frozenset[RunState]] = frozenset({"finished", "failed", "killed"})
 """Terminal until a resume starts a new attempt."""
-ALIVE: Final = frozenset({"initializing", "running", "stopping"})
-"""States the liveness monitor watches."""
+NON_TERMINAL: Final[frozenset[RunState]] = frozenset(RUN_STATES) - TERMINAL
+"""Every other run state: a cancel kills a run in one of these, a stopped sweep waits for them."""
+ALIVE: Final[frozenset[RunState]] = frozenset({"initializing", "running", "stopping"})
+"""States the liveness monitor watches (rule 9: a crash applies only in these)."""
 FAILURE_REASONS: Final = frozenset({"time-limit", "oom"})
 """An exit by signal with one of these reasons is ``failed``: the job broke a limit, nobody killed it."""
-SWEEP_TERMINAL: Final = frozenset({"cancelled", "finished", "failed", "crashed"})
-SWEEP_CLOSED: Final = frozenset({"paused", "stopped"}) | SWEEP_TERMINAL
+SWEEP_TERMINAL: Final[frozenset[SweepState]] = frozenset({"cancelled", "finished", "failed", "crashed"})
+SWEEP_CLOSED: Final[frozenset[SweepState]] = SWEEP_TERMINAL | frozenset(("paused", "stopped"))
 """A sweep in one of these takes no new runs."""
+SWEEP_REACTING: Final[frozenset[SweepState]] = frozenset({"cancelled", "stopped"})
+"""Sweep states whose runs the ledger reacts to: a cancel kills them, a stop waits for them to end."""
+HEARTBEAT_ENDED: Final[frozenset[RunState]] = TERMINAL | frozenset(("preempted",))
+"""States in which a heartbeat is late (rule 3)."""
+REVIVED: Final[frozenset[RunState]] = frozenset({"pending", "initializing", "crashed"})
+"""States a heartbeat moves to ``running`` (rule 3)."""
 
 
 class Run(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -160,10 +168,28 @@ def late(run: Run, event: RunHeartbeat) -> bool:
     is no evidence of life either: it does not revive a crashed run, and
     rule 9 still compares a crash with the latest heartbeat applied.
     """
-    if run.state in _HEARTBEAT_ENDED:
+    if run.state in HEARTBEAT_ENDED:
         return True
     latest = run.last_heartbeat_at
     return latest is not None and event.at < latest
+
+
+CrashIgnored: TypeAlias = Literal["not-alive", "heartbeat-after"]
+
+
+def crash_ignored(run: Run, event: RunCrashed) -> CrashIgnored | None:
+    """Why ``run.crashed`` changes nothing (rule 9), or None when it applies.
+
+    ``not-alive``: the run is not ``initializing``, ``running`` or ``stopping``.
+    ``heartbeat-after``: a heartbeat came after the crash's ``last_heartbeat_at``
+    (the monitor decided on views that lagged behind it).
+    """
+    if run.state not in ALIVE:
+        return "not-alive"
+    seen, last = event.last_heartbeat_at, run.last_heartbeat_at
+    if last is not None and (seen is None or last > seen):
+        return "heartbeat-after"
+    return None
 
 
 def step(run: Run, event: AnyRunEvent) -> tuple[Effect, Run]:
@@ -253,12 +279,7 @@ def _unfenced(run: Run, event: AnyRunEvent) -> Run:
         case RunKilled():
             return run if run.terminal else _ended(run, "killed", event.at)
         case RunCrashed():
-            if run.state not in ALIVE:
-                return run
-            seen, last = event.last_heartbeat_at, run.last_heartbeat_at
-            if last is not None and (seen is None or last > seen):
-                return run  # rule 9: a heartbeat came after the crash was decided
-            return _ended(run, "crashed", event.at)
+            return run if crash_ignored(run, event) else _ended(run, "crashed", event.at)
         case _:
             assert_never(event)
 
@@ -266,7 +287,7 @@ def _unfenced(run: Run, event: AnyRunEvent) -> Run:
 def _beat(run: Run, event: RunHeartbeat) -> Run:
     """Rule 3, for a heartbeat that is not ``late``: it keeps a live run's clock and progress,
     and revives a pending, initializing or crashed one."""
-    if run.state in _REVIVED:
+    if run.state in REVIVED:
         return replace(
             run,
             state="running",
@@ -281,11 +302,6 @@ def _beat(run: Run, event: RunHeartbeat) -> Run:
         step=event.step if event.step is not None else run.step,
         progress=event.progress if event.progress is not None else run.progress,
     )
-
-
-_REVIVED: Final = frozenset({"pending", "initializing", "crashed"})
-_HEARTBEAT_ENDED: Final = TERMINAL | {"preempted"}
-"""States in which a heartbeat is late (rule 3)."""
 
 
 _SWEEP_MOVES: Final[dict[type, tuple[frozenset[str], SweepState]]] = {
