@@ -14,6 +14,7 @@ import json
 import signal
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,7 +139,19 @@ class LocalCluster:
             if time.monotonic() > deadline:
                 raise AssertionError("cluster nodes did not accept connections")
             time.sleep(0.05)  # polling children's readiness
-        asyncio.run(self._wait_meta_leader(running, deadline))
+        failed: list[BaseException] = []
+
+        def check() -> None:  # in a thread of its own: the caller may be inside a running event loop
+            try:
+                asyncio.run(self._wait_meta_leader(running, deadline))
+            except BaseException as exc:
+                failed.append(exc)
+
+        thread = threading.Thread(target=check)
+        thread.start()
+        thread.join()
+        if failed:
+            raise failed[0]
 
     async def _wait_meta_leader(self, running: list[Node], deadline: float) -> None:
         """JetStream answers account info on every running node (a meta leader is elected)."""
