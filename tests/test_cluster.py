@@ -143,13 +143,15 @@ async def publish_all(publisher: Publisher, events: list[ev.AnyEvent], *, chunk:
                         futures.append(await publisher.submit(event))
                     except StreamUnavailable:
                         futures.append(None)
+                sent = [f for f in futures if f is not None]
+                if sent:
+                    await asyncio.wait(sent, timeout=publisher.timeout)  # one deadline for the whole chunk
+                publisher.forget([f for f in sent if not f.done()])
                 retry = []
                 for event, future in zip(todo, futures):
-                    try:
-                        if future is None:
-                            raise StreamUnavailable("not sent")
-                        acked[event.id] = await publisher.wait(future)
-                    except StreamUnavailable:
+                    if future is not None and future.done() and future.exception() is None:
+                        acked[event.id] = future.result()
+                    else:
                         retry.append(event)
                 todo = retry
                 if todo:
