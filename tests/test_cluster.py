@@ -64,9 +64,14 @@ class ReadNode:
 
     def kill(self) -> None:
         up, self.up = self.up, None
-        if up is not None and up.proc.poll() is None:
+        if up is None:
+            return
+        if up.proc.poll() is None:
             up.proc.kill()
             up.proc.wait(30)
+        for stream in (up.proc.stdout, up.proc.stderr):
+            if stream:
+                stream.close()
 
     def stop(self) -> None:
         up, self.up = self.up, None
