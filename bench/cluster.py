@@ -7,7 +7,7 @@ Three real ``nats-server`` processes clustered on loopback (``tests/cluster.py``
   (the ceiling: no event encoding, no ledger bookkeeping);
 - failover: a publisher keeps appending (pipelined chunks, each retried under its own event ids
   until acknowledged, as the job side does) while the stream leader is SIGKILLed; the longest time
-  one event waited from its first send to its ack, the time from the kill to the first ack, and the
+  one event waited from its first send to its ack, the longest gap between two acks, and the
   largest lag of a read node (``ledger up --nats-url <cluster>``, polled on ``/health``) meanwhile.
   Median of ``--kills`` kills (the killed node is started again and caught up before the next);
 - projection rate on a read node: ``ledger projector --until-idle`` from an empty views database
@@ -166,7 +166,9 @@ async def one_failover(cluster: Any, url: str, http: str, prefix: str, say: Any)
             await asyncio.sleep(0.1)
 
     tasks = [asyncio.create_task(publish()), asyncio.create_task(watch())]
-    await asyncio.sleep(2.0)  # steady state before the kill
+    await asyncio.sleep(2.0)  # steady publishing before the kill
+    while not lags or lags[-1] > 1_000:  # and the read node keeping up with it
+        await asyncio.sleep(0.1)
     leader = await stream_leader(js)
     waits.clear()
     lags.clear()
@@ -175,7 +177,8 @@ async def one_failover(cluster: Any, url: str, http: str, prefix: str, say: Any)
     say(f"killed the stream leader {leader}")
     while not [t for t in acked_at if t > killed_at + 0.5] or time.perf_counter() - killed_at < 8:
         await asyncio.sleep(0.1)
-    first_ack = min(t for t in acked_at if t > killed_at) - killed_at
+    after = sorted(t for t in acked_at if t > killed_at - 1.0)
+    pause = max((b - a for a, b in zip(after, after[1:])), default=0.0)
     await asyncio.sleep(2.0)
     stop.set()
     await asyncio.gather(*tasks)
@@ -188,7 +191,7 @@ async def one_failover(cluster: Any, url: str, http: str, prefix: str, say: Any)
             break
         await asyncio.sleep(0.2)
     await nc.close()
-    return {"max_ack_wait_s": max(waits), "first_ack_after_kill_s": first_ack,
+    return {"max_ack_wait_s": max(waits), "publishing_paused_s": pause,
             "read_node_max_lag": float(max(lags, default=0))}
 
 
@@ -269,7 +272,8 @@ def main() -> int:
           f"{median(r3) / median(raw):.2f})")
     print(f"failover, longest wait for one ack:      {median([k['max_ack_wait_s'] for k in kills]):>9.2f} s  "
           f"(median of {args.kills} leader kills; max {max(k['max_ack_wait_s'] for k in kills):.2f} s)")
-    print(f"failover, first ack after the kill:      {median([k['first_ack_after_kill_s'] for k in kills]):>9.2f} s")
+    print(f"failover, longest gap between acks:      {median([k['publishing_paused_s'] for k in kills]):>9.2f} s  "
+          "(the publisher's pause: the election)")
     print(f"failover, read node's largest lag:       {median([k['read_node_max_lag'] for k in kills]):>9,.0f} events")
     print(f"projection on a read node (R3 stream):   {projector_rate:>9,.0f} events/s  ({total:,} events, "
           "ledger projector --until-idle, process start included)")
