@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
+import subprocess
 import sqlite3
 import sys
 import urllib.error
@@ -342,25 +344,46 @@ class TestReadNodes:
 
 
 class TestReplicasGuard:
-    async def test_ledger_up_replicas_1_leaves_an_r3_stream_at_r3(
+    async def test_replicas_are_raised_on_request_and_never_lowered(
             self, nats_cluster: LocalCluster, tmp_path: Path, cluster_js: JetStreamContext) -> None:
-        """`ledger up --replicas 1` against a stream made with 3 replicas leaves it at 3, and says so."""
-        first = ReadNode("a", nats_cluster.url, tmp_path, "--replicas", "3")
-        second = ReadNode("b", nats_cluster.url, tmp_path, "--replicas", "1")
-        try:
-            first.start()
-            first.stop()
-            second.start()
-            assert 3 == (await cluster_js.stream_info("LEDGER")).config.num_replicas
-            assert second.up is not None
-            proc, second.up = second.up.proc, None
-            proc.send_signal(signal.SIGINT)
-            _, err = proc.communicate(timeout=60)
-            assert 0 == proc.returncode
-            assert "stream LEDGER keeps its 3 replicas (asked for 1" in err
-        finally:
-            first.kill()
-            second.kill()
+        """`ledger up --replicas 3` raises an R1 stream to R3 and says so; `ledger up --replicas 1` then leaves
+        it at R3 and says so."""
+        seen: list[tuple[int, str]] = []
+        for name, replicas in (("a", "1"), ("b", "3"), ("c", "1")):
+            node = ReadNode(name, nats_cluster.url, tmp_path, "--replicas", replicas)
+            try:
+                node.start()
+                assert node.up is not None
+                proc, node.up = node.up.proc, None
+                proc.send_signal(signal.SIGINT)
+                _, err = proc.communicate(timeout=60)
+                assert 0 == proc.returncode, err
+            finally:
+                node.kill()
+            info = await cluster_js.stream_info("LEDGER")
+            said = [line for line in err.splitlines() if "replicas" in line]
+            seen.append((info.config.num_replicas, said[0] if said else ""))
+        assert [(1, ""), (3, "ledger up: stream LEDGER raised from 1 to 3 replicas"),
+                (3, "ledger up: stream LEDGER keeps its 3 replicas (asked for 1: replicas are never lowered)")] == seen
+
+
+class TestDeploy:
+    def test_the_three_node_configs_are_valid_and_route_to_each_other(self) -> None:
+        """deploy/cluster's three nats-server configs pass `nats-server -t`, have distinct server names and
+        each routes to the other two."""
+        from ledger.nats.server import nats_server_binary
+
+        root = Path(__file__).resolve().parent.parent / "deploy" / "cluster"
+        names, routes = [], []
+        for i in (1, 2, 3):
+            conf = root / f"nats-{i}.conf"
+            check = subprocess.run([nats_server_binary(), "-c", str(conf), "-t"], capture_output=True, text=True)
+            assert 0 == check.returncode, check.stderr
+            text = conf.read_text()
+            names.append(re.search(r"server_name: (\S+)", text).group(1))  # type: ignore[union-attr]
+            routes.append(sorted(re.findall(r"nats-route://ledger-(\d)", text)))
+        assert ["ledger-1", "ledger-2", "ledger-3"] == names
+        assert [["2", "3"], ["1", "3"], ["1", "2"]] == routes
 
 
 async def _stream_answers(js: JetStreamContext) -> bool:
