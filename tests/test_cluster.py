@@ -282,9 +282,12 @@ class TestFailover:
         assert read_nodes[0].views() == read_nodes[1].views()
         for node in read_nodes:
             verify(node)
+        names = {n.name for n in nats_cluster.nodes}
+        cluster = read_nodes[0].health()["cluster"]  # /health's extra key: the same picture as `ledger status`
+        assert (3, True) == (len(cluster["stream"]["peers"]), cluster["stream"]["leader"] in names)
         status = json.loads(ledger("status", "--json", env=read_nodes[1].env).stdout)
         assert (3, 0, 3) == (status["stream"]["replicas"], status["projection"]["lag"], len(status["stream"]["peers"]))
-        assert status["stream"]["leader"] in {n.name for n in nats_cluster.nodes}
+        assert status["stream"]["leader"] in names
 
 
 class TestReadNodes:
