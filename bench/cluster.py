@@ -8,7 +8,8 @@ Three real ``nats-server`` processes clustered on loopback (``tests/cluster.py``
 - failover: a publisher keeps appending (pipelined chunks, each retried under its own event ids
   until acknowledged, as the job side does) while the stream leader is SIGKILLed; the longest time
   one event waited from its first send to its ack, the longest gap between two acks, and the
-  largest lag of a read node (``ledger up --nats-url <cluster>``, polled on ``/health``) meanwhile.
+  largest lag of a read node (``ledger up --nats-url <cluster>``, polled on ``/health``) meanwhile, and
+  how long after the kill it was back within 1,000 events of the stream (the publisher never stops).
   Median of ``--kills`` kills (the killed node is started again and caught up before the next);
 - projection rate on a read node: ``ledger projector --until-idle`` from an empty views database
   over the whole stream, against the raw projector ceiling (``RawCeiling``: ordered read + decode +
@@ -127,6 +128,7 @@ async def one_failover(cluster: Any, url: str, http: str, prefix: str, say: Any)
     acked_at: list[float] = []
     stop = asyncio.Event()
     lags: list[int] = []
+    lag_at: list[tuple[float, int]] = []
 
     async def publish() -> None:
         i = 0
@@ -163,6 +165,7 @@ async def one_failover(cluster: Any, url: str, http: str, prefix: str, say: Any)
             h = await asyncio.to_thread(health, http)
             if "lag" in h:
                 lags.append(int(h["lag"]))
+                lag_at.append((time.perf_counter(), int(h["lag"])))
             await asyncio.sleep(0.1)
 
     tasks = [asyncio.create_task(publish()), asyncio.create_task(watch())]
@@ -180,6 +183,10 @@ async def one_failover(cluster: Any, url: str, http: str, prefix: str, say: Any)
     after = sorted(t for t in acked_at if t > killed_at - 1.0)
     pause = max((b - a for a, b in zip(after, after[1:])), default=0.0)
     await asyncio.sleep(2.0)
+    while time.perf_counter() - killed_at < 60 and not [t for t, lag in lag_at if t > killed_at + 8 and lag <= 1_000]:
+        await asyncio.sleep(0.1)  # the read node back within 1,000 events of the stream (the publisher goes on)
+    worst = max(lag_at, key=lambda p: p[1] if p[0] > killed_at else -1)[0]
+    back = min((t for t, lag in lag_at if t > worst and lag <= 1_000), default=float("nan")) - killed_at
     stop.set()
     await asyncio.gather(*tasks)
     await publisher.close()
@@ -192,7 +199,7 @@ async def one_failover(cluster: Any, url: str, http: str, prefix: str, say: Any)
         await asyncio.sleep(0.2)
     await nc.close()
     return {"max_ack_wait_s": max(waits), "publishing_paused_s": pause,
-            "read_node_max_lag": float(max(lags, default=0))}
+            "read_node_max_lag": float(max(lags, default=0)), "read_node_back_s": back}
 
 
 async def raw_ceiling(url: str, work: Path, total: int) -> float:
@@ -275,6 +282,7 @@ def main() -> int:
     print(f"failover, longest gap between acks:      {median([k['publishing_paused_s'] for k in kills]):>9.2f} s  "
           "(the publisher's pause: the election)")
     print(f"failover, read node's largest lag:       {median([k['read_node_max_lag'] for k in kills]):>9,.0f} events")
+    print(f"failover, read node within 1,000 again: {median([k['read_node_back_s'] for k in kills]):>9.2f} s after the kill")
     print(f"projection on a read node (R3 stream):   {projector_rate:>9,.0f} events/s  ({total:,} events, "
           "ledger projector --until-idle, process start included)")
     print(f"raw projector ceiling, same cluster:     {ceiling:>9,.0f} events/s  (read node / ceiling = "

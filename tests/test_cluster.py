@@ -340,7 +340,8 @@ class TestReadNodes:
             in_stream = await stream_ids(js)
             assert [] == [i for i in acked if in_stream[i] != 1]
             last = await caught_up(read_nodes, js)
-            assert all("ok" == n.health()["status"] for n in read_nodes)
+            await async_wait_until(lambda: all("ok" == n.health().get("status") for n in read_nodes), DEADLINE_S,
+                                   "both read nodes healthy again")
             assert last >= len(acked)
         finally:
             await nc.close()
