@@ -29,7 +29,7 @@ from ledger.nats.publisher import Publisher
 from ledger.nats.server import EmbeddedNats, free_port
 from ledger.nats.stream import PullReader, connect, stream_last_seq
 from tests.cluster import LocalCluster, stream_leader
-from tests.jobs import LEDGER, Up, async_wait_until, ledger
+from tests.jobs import LEDGER, Up, async_wait_until, ledger, run_events
 
 DEADLINE_S = 120.0
 """Generous: a Raft election takes seconds, and the machine is busy."""
@@ -293,8 +293,8 @@ class TestFailover:
 class TestReadNodes:
     async def test_two_monitors_record_a_crash_once_and_a_restarted_read_node_catches_up(
             self, nats_cluster: LocalCluster, tmp_path: Path, cluster_js: JetStreamContext) -> None:
-        """Two read nodes' monitors crash a silent run once between them; a read node SIGKILLed while events
-        flow catches up once started again, its views equal to the other's."""
+        """Two read nodes' monitors crash a silent run once between them (and a repeat past the duplicate
+        window changes no view); a read node SIGKILLed while events flow catches up, its views equal to the other's."""
         js = cluster_js
         nodes = [ReadNode(n, nats_cluster.url, tmp_path, heartbeat_timeout=1.0) for n in ("a", "b")]
         nc = await connect(nats_cluster.url, name="test")
@@ -307,12 +307,20 @@ class TestReadNodes:
                                                   command=["x"]))
             await async_wait_until(lambda: all((n.get("/runs/silent")[1] or {}).get("state") == "crashed"
                                                for n in nodes), DEADLINE_S, "the silent run crashed on both")
+            crash = [e for e in await run_events(js, "silent") if isinstance(e, ev.RunCrashed)]
+            assert 1 == len(crash)
+            # the same fact recorded again past JetStream's 2-minute duplicate window (another Nats-Msg-Id):
+            # the views' seen ids ignore it
+            await publisher.wait(await publisher.submit(crash[0], {"Nats-Msg-Id": "past-the-window"}))
             nodes[1].kill()
             await publish_all(publisher, load_events(runs=10, heartbeats=50))
             nodes[1].start()
             await caught_up(nodes, js)
-            assert 1 == await count_type(js, "run.crashed")
+            assert 2 == await count_type(js, "run.crashed")  # the monitors' once, and the late repeat
             assert nodes[0].views() == nodes[1].views()
+            for node in nodes:
+                history = node.get("/runs/silent/history")[1]["history"]
+                assert ["running", "crashed"] == [h["state"] for h in history]
         finally:
             await publisher.close()
             await nc.close()
