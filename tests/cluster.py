@@ -135,7 +135,8 @@ class LocalCluster:
         while not all(n.accepts() for n in running):
             for n in running:
                 if n.process is not None and n.process.poll() is not None:
-                    raise AssertionError(f"nats-server {n.name} exited: {(n.dir / 'nats-server.log').read_text()[-2000:]}")
+                    log = (n.dir / "nats-server.log").read_text()[-2000:]
+                    raise AssertionError(f"nats-server {n.name} exited: {log}")
             if time.monotonic() > deadline:
                 raise AssertionError("cluster nodes did not accept connections")
             time.sleep(0.05)  # polling children's readiness

@@ -128,7 +128,8 @@ def load_events(runs: int, heartbeats: int) -> list[ev.AnyEvent]:
     for r in range(runs):
         run_id = f"load-{r:03d}"
         out.append(ev.RunStarted(id=f"{run_id}-s", at=now, run_id=run_id, attempt=1, host="h", pid=1, command=["x"]))
-        out += [ev.RunHeartbeat(id=f"{run_id}-h{i}", at=now, run_id=run_id, attempt=1, step=i) for i in range(heartbeats)]
+        out += [ev.RunHeartbeat(id=f"{run_id}-h{i}", at=now, run_id=run_id, attempt=1, step=i)
+                for i in range(heartbeats)]
         out.append(ev.RunExited(id=f"{run_id}-x", at=now, run_id=run_id, attempt=1, exit_code=0))
     return out
 

@@ -48,7 +48,8 @@ def status(nats_url: str | None, http: str, as_json: bool) -> None:
 def _projection(http: str) -> dict[str, Any] | None:
     """This node's ``/health`` (its status and lag), whether ok or degraded; None when no ``ledger up`` answers."""
     token = os.environ.get("LEDGER_HTTP_TOKEN")
-    request = urllib.request.Request(f"http://{http}/health", headers={"Authorization": f"Bearer {token}"} if token else {})
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(f"http://{http}/health", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=10) as resp:
             body = json.loads(resp.read())
