@@ -50,7 +50,7 @@ from ledger.core.events import ENTITY_ID_RE
 from ledger.core.fold import Entry
 from ledger.core.machine import RUN_STATES, Run
 from ledger.errors import StreamUnavailable
-from ledger.nats.stream import stream_last_seq
+from ledger.nats.topology import cluster_status
 from projections import queries, timeline
 from projections.auth import TokenMiddleware, is_loopback
 from projections.metrics import REGISTRY
@@ -433,13 +433,15 @@ async def health(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
     reasons: list[str] = []
     notifier = state.notifier
     stream_seq: int | None = notifier.stream_last_seq if notifier else None
+    cluster: dict[str, Any] | None = None
     if state.js is not None:
         if not state.js._nc.is_connected:
             reasons.append("NATS unreachable (reconnecting)")
         else:
             try:
-                async with asyncio.timeout(HEALTH_NATS_S):
-                    stream_seq = await stream_last_seq(state.js)
+                async with asyncio.timeout(HEALTH_NATS_S):  # one stream_info: the last seq, leader and replicas
+                    cluster = await cluster_status(state.js)
+                stream_seq = cluster["stream"]["last_seq"]
             except (TimeoutError, NatsError) as exc:  # NATS away or JetStream not answering: the views still answer
                 reasons.append(f"NATS unreachable ({type(exc).__name__})")
     stream_seq = max(stream_seq or 0, last_seq)
@@ -450,6 +452,8 @@ async def health(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
         elif lag > 0 and notifier.stalled_for() > STALL_S:
             reasons.append(f"projector stalled: nothing applied for {notifier.stalled_for():.0f} s, {lag} behind")
     body: dict[str, Any] = {"status": "ok", "last_seq": last_seq, "stream_last_seq": stream_seq, "lag": lag}
+    if cluster is not None and cluster["cluster"]:  # on a NATS cluster: its nodes, the stream's leader and replicas
+        body["cluster"] = cluster
     if not reasons:
         return Response(body)
     body.update(status="degraded", reason="; ".join(reasons))

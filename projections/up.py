@@ -39,6 +39,8 @@ class UpSettings:
     http: str
     heartbeat_timeout: float
     http_token: str | None = None
+    replicas: int | None = None
+    """Replicas of the stream: on creation, or to raise an existing one's (never lowered); None: the default."""
 
 
 def parse_hostport(value: str) -> tuple[str, int]:
@@ -132,7 +134,7 @@ async def _serve(settings: UpSettings, url: str, embedded: EmbeddedNats | None, 
     nc = await connect(url, disconnected_cb=lost, reconnected_cb=back)
     try:
         js = nc.jetstream()
-        await ensure_stream(js)
+        await ensure_stream(js, replicas=settings.replicas, say=say)
         notifier = SeqNotifier()
         db_path = settings.data_dir / "views.db"
         await _check_views(db_path)

@@ -29,6 +29,7 @@ VERBS: dict[str, str] = {
     "replay": "ledger.cli.audit:replay",
     "verify": "ledger.cli.audit:verify",
     "quarantine": "ledger.cli.follow:quarantine",
+    "status": "ledger.cli.status:status",
 }
 """Verb -> ``module:attribute`` of its click command, in the order ``--help`` lists them."""
 

@@ -32,7 +32,8 @@ console: Any = LazyConsole(width=None if sys.stdout.isatty() or os.environ.get("
 err_console: Any = LazyConsole(stderr=True, soft_wrap=True)
 
 nats_url_option = click.option("--nats-url", envvar="LEDGER_NATS_URL", default=None,
-                               help="NATS server URL  [env LEDGER_NATS_URL; default nats://127.0.0.1:4222]")
+                               help="NATS server URL, or a cluster's comma-separated URLs (clients fail over between them)  "
+                                    "[env LEDGER_NATS_URL; default nats://127.0.0.1:4222]")
 http_option = click.option("--http", "http", envvar="LEDGER_HTTP", default="127.0.0.1:8480", show_default=True,
                            help="HOST:PORT of the ledger HTTP API  [env LEDGER_HTTP]")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")

@@ -25,9 +25,12 @@ from ledger.cli.common import console, json_option, nats_url_option, needs_serve
               help="Seconds without heartbeat before a run is crashed  [env LEDGER_HEARTBEAT_TIMEOUT]")
 @click.option("--http-token", "http_token", envvar="LEDGER_HTTP_TOKEN", default=None,
               help="Every HTTP route but /health and /metrics needs Authorization: Bearer TOKEN  [env LEDGER_HTTP_TOKEN]")
+@click.option("--replicas", envvar="LEDGER_REPLICAS", default=None, type=click.IntRange(1, 5),
+              help="Replicas of the LEDGER stream when created (default 1, or 3 on a cluster); an existing "
+                   "stream's are raised to this, never lowered  [env LEDGER_REPLICAS]")
 @json_option
 def up(data_dir: Path, nats_url: str | None, nats_port: int, http: str, heartbeat_timeout: float,
-       http_token: str | None, as_json: bool) -> None:
+       http_token: str | None, replicas: int | None, as_json: bool) -> None:
     """Run the ledger: embedded NATS (unless --nats-url), stream, projector and HTTP API."""
     with needs_server("up"):
         import projections.api  # noqa: F401  (the API and its server: the extra's libraries, checked up front)
@@ -44,7 +47,8 @@ def up(data_dir: Path, nats_url: str | None, nats_port: int, http: str, heartbea
             console.print("[dim]Ctrl-C to stop[/]")
         sys.stdout.flush()
 
-    settings = UpSettings(data_dir, nats_url, nats_port, http, heartbeat_timeout, http_token or None)
+    settings = UpSettings(data_dir, nats_url, nats_port, http, heartbeat_timeout, http_token or None,
+                          replicas=replicas)
     try:
         asyncio.run(run_up(settings, ready))
     except KeyboardInterrupt:  # a Ctrl-C before the signal handlers were in place: nothing had started

@@ -46,6 +46,9 @@ from ledger.nats.stream import DEFAULT_NATS_URL
 DEFAULT_HEARTBEAT_S = 30.0
 DEFAULT_FRESH_WITHIN_S = 300.0
 START_RETRIES = 8
+START_WAIT_S = 60.0
+"""How long a start waits for a stream that does not answer while NATS is connected (a cluster's leader
+election takes seconds) before it gives up."""
 CLOSE_S = 5.0
 """The longest closing the NATS connection may take (a dead server must not hold a job)."""
 
@@ -228,25 +231,48 @@ class AsyncLedger:
     async def _checked_start(self, js: Any, run_id: str, sweep: str | None, resume: ResumeMode, force: bool,
                              fresh_within: float, fields: dict[str, Any], heartbeat: float | None,
                              requested: int | None = None) -> AsyncRunHandle:
-        publisher = self.connection.publisher
-        for _ in range(START_RETRIES):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + START_WAIT_S
+        conflicts = 0
+        while conflicts < START_RETRIES:
+            publisher = self.connection.publisher
             if publisher is None:
                 raise StreamUnavailable(f"lost NATS at {self.url} while starting run {run_id!r}")
-            run, last = await load_run(js, run_id)
-            sweep_state = (await load_sweep(js, sweep))[0] if sweep is not None else None
+            try:
+                run, last = await load_run(js, run_id)
+                sweep_state = (await load_sweep(js, sweep))[0] if sweep is not None else None
+            except StreamUnavailable:
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.5)  # a cluster electing the stream's leader: wait (bounded) and read again
+                continue
             attempt = decide_start(run, run_id, resume, sweep=sweep_state, now=now(),
                                    fresh_within=timedelta(seconds=fresh_within), force=force, attempt=requested)
             event = ev.RunStarted(id=new_id(), at=now(), run_id=run_id, attempt=attempt, **fields)
             try:
-                seq = await publisher.publish(event, expect_last_subject_seq=last,
-                                              expect_subject=f"ledger.run.{run_id}.>")
+                seq = await self._publish_start(publisher, event, last, run_id, deadline)
             except ConcurrencyConflict:
+                conflicts += 1
                 continue  # another event of this run landed first: decide again on the new history
             handle = AsyncRunHandle(self, run_id, attempt, sweep or (run.sweep_id if run else None),
                                     heartbeat_every=heartbeat)
             handle.started_seq = seq
             return handle
         raise ConcurrencyConflict(f"run {run_id!r} kept changing while starting; gave up after {START_RETRIES} tries")
+
+    @staticmethod
+    async def _publish_start(publisher: Any, event: ev.RunStarted, last: int, run_id: str, deadline: float) -> int:
+        """Publish ``run.started`` after ``last``; an unanswered publish (a leader election) is sent again, the
+        same event: if the first one landed, its id makes the second a duplicate that answers its sequence."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                return int(await publisher.publish(event, expect_last_subject_seq=last,
+                                                   expect_subject=f"ledger.run.{run_id}.>"))
+            except StreamUnavailable:
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
 
     async def queue_run(self, run_id: str | None = None, *, sweep: str | None = None,
                         config: dict[str, Any] | None = None, reproduced_from: str | None = None) -> str:

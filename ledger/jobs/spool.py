@@ -410,6 +410,7 @@ class Outbox:
         waiting = [f for f in futures if isinstance(f, asyncio.Future)]
         if waiting:
             await asyncio.wait(waiting, timeout=publisher.timeout)
+            _retrieved(waiting)
         for ((subject, payload, msg_id), done), future in zip(batch, futures):
             refusal = future if isinstance(future, EventRefused) else _refusal(future)
             if refusal is not None:
@@ -456,6 +457,7 @@ class Outbox:
             waiting = [f for f in futures if isinstance(f, asyncio.Future)]
             if waiting:
                 await asyncio.wait(waiting, timeout=publisher.timeout)  # one timer per batch, not per message
+                _retrieved(waiting)
             acked: list[int] = []
             failed = unavailable
             for row, future in zip(rows, futures):
@@ -505,3 +507,11 @@ def _refusal(future: asyncio.Future[int] | EventRefused) -> EventRefused | None:
         if isinstance(exc, EventRefused):
             return exc
     return None
+
+
+def _retrieved(futures: list[asyncio.Future[int]]) -> None:
+    """Mark the failures of a sent batch as seen: a round stops at its first failure, and asyncio would
+    print "Future exception was never retrieved" for each one behind it (a leader election fails many)."""
+    for future in futures:
+        if future.done() and not future.cancelled():
+            future.exception()

@@ -33,20 +33,32 @@ MAX_MSG_BYTES: Final = 1024 * 1024
 DEFAULT_NATS_URL: Final = "nats://127.0.0.1:4222"
 
 
+def server_urls(url: str) -> list[str]:
+    """The servers of a ``--nats-url``: one URL, or a comma-separated list of a cluster's (contract section 6)."""
+    urls = [part.strip() for part in url.split(",") if part.strip()]
+    if not urls:
+        raise StreamUnavailable(f"no NATS server URL in {url!r}")
+    return urls
+
+
 async def connect(url: str, *, name: str = "run-ledger", reconnect: bool = True, timeout: float = 2.0,
                   reconnected_cb: Callable[[], Awaitable[None]] | None = None,
                   disconnected_cb: Callable[[], Awaitable[None]] | None = None) -> NATS:
     """Connect to NATS; a server that cannot be reached is StreamUnavailable.
 
-    Once connected it reconnects forever; ``disconnected_cb`` and ``reconnected_cb`` hear of each loss and return.
+    ``url`` may list several servers of a cluster, comma-separated: the first
+    connect tries each, and a lost connection fails over to any of them (and
+    to the servers the cluster announces). Once connected it reconnects
+    forever; ``disconnected_cb`` and ``reconnected_cb`` hear of each loss and return.
     """
+    servers = server_urls(url)
     try:
         nc = await nats.connect(
-            url,
+            servers,
             name=name,
             connect_timeout=timeout,
-            allow_reconnect=False,
-            max_reconnect_attempts=1,  # a first connect gives up after two quick tries (nats-py
+            allow_reconnect=len(servers) > 1,  # nats-py's first connect tries the next server only if set;
+            max_reconnect_attempts=1,  # then it gives up after two quick tries of each (nats-py
             reconnect_time_wait=0.01,  # would otherwise retry it 60 times, or forever with -1)
             error_cb=_quiet,
             disconnected_cb=disconnected_cb or _quiet_cb,
@@ -55,6 +67,7 @@ async def connect(url: str, *, name: str = "run-ledger", reconnect: bool = True,
         )
     except Exception as exc:  # nats-py raises several unrelated types on connect
         raise StreamUnavailable(f"cannot connect to NATS at {url}: {exc or type(exc).__name__}") from exc
+    nc.options["allow_reconnect"] = False
     if reconnect:  # once connected, reconnect forever (nats-py reads these at disconnect time)
         nc.options["allow_reconnect"] = True
         nc.options["max_reconnect_attempts"] = -1
@@ -84,25 +97,49 @@ def stream_config(name: str = STREAM) -> api.StreamConfig:
     )
 
 
-async def ensure_stream(js: JetStreamContext, name: str = STREAM) -> api.StreamInfo:
+async def ensure_stream(js: JetStreamContext, name: str = STREAM, *, replicas: int | None = None,
+                        say: Callable[[str], None] | None = None) -> api.StreamInfo:
     """Create the stream, or bring an existing one to the expected config. Idempotent.
 
     For ``ledger up``, the projector and admin verbs only (it needs the right
     to create and update the stream); read verbs use ``check_stream``. An
     existing stream whose config already matches is left alone, and its
     metadata (the import marks, the server's own keys) is always kept.
+
+    ``replicas``: a new stream gets that many (default: 3 on a cluster of 3 or
+    more servers, else 1). An existing stream's replicas are never lowered
+    (an operator chose them); a higher ``replicas`` raises them, and ``say``
+    hears of it, and of a request to lower them that was not followed.
     """
     config = stream_config(name)
     try:
         info = await js.stream_info(name)
     except NotFoundError:
+        config.num_replicas = replicas or default_replicas(js)
         return note_stream(await js.add_stream(config))
     have = info.config
-    if all(getattr(have, field) == getattr(config, field) for field in _MANAGED):
+    current = have.num_replicas or 1
+    raise_to = replicas if replicas is not None and replicas > current else None
+    if replicas is not None and replicas < current and say is not None:
+        say(f"stream {name} keeps its {current} replicas (asked for {replicas}: replicas are never lowered)")
+    if raise_to is None and all(getattr(have, field) == getattr(config, field) for field in _MANAGED):
         return note_stream(info)
     for field in _MANAGED:
         setattr(have, field, getattr(config, field))
-    return note_stream(await js.update_stream(have))
+    if raise_to is not None:
+        have.num_replicas = raise_to
+    updated = note_stream(await js.update_stream(have))
+    if raise_to is not None and say is not None:
+        say(f"stream {name} raised from {current} to {raise_to} replicas")
+    return updated
+
+
+def default_replicas(js: JetStreamContext) -> int:
+    """3 on a cluster of 3 or more servers (the ones its INFO announces), else 1 (contract section 6)."""
+    info = js._nc._server_info or {}
+    if not info.get("cluster"):
+        return 1
+    return 3 if len(set(info.get("connect_urls") or [])) >= 3 else 1
 
 
 _MANAGED: Final = ("subjects", "storage", "retention", "discard", "duplicate_window", "max_msg_size", "allow_direct")
