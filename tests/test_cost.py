@@ -6,16 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+import time
 from datetime import timedelta
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from nats.js import JetStreamContext
 
 from ledger.core.events import AnyEvent, RunHeartbeat, encode_event, subject_of
+from ledger.jobs.client import AsyncLedger
+from ledger.jobs.sync_client import Ledger
 from ledger.nats.stream import StreamMessage
+from projections.projector import Projector
 from projections.rebuild import _Builder
-from tests.factory import dump_views, exited, heartbeat, started
+from tests.factory import dump_views, exited, heartbeat, run_row, started
+from tests.jobs import async_wait_until, run_events
 from tests.test_properties import EPOCH, heartbeat_rich_lists
 from projections.store import Folded, commit_batch, decode_batch, fold, open_db
 from projections.views import BatchKeys, ViewCache, read_views
@@ -104,3 +110,98 @@ class TestViewsGrowWithStateChanges:
         views = dump_views(path)
         assert ([events[0].id, events[-1].id], 2, 999) == (
             sorted(row[0] for row in views["seen"]), len(views["history"]), views["runs"][0][8])
+
+
+# --------------------------------------------------------------------------- client-side coalescing
+
+
+async def project(js: JetStreamContext, db_path: Path) -> None:
+    await Projector(js, db_path, idle_poll=0.2).run(until_idle=True)
+
+
+def beats(events: list[AnyEvent]) -> list[RunHeartbeat]:
+    return [e for e in events if type(e) is RunHeartbeat]
+
+
+class TestCoalescing:
+    async def test_sync_loop_of_1000_heartbeats_sends_a_handful(self, nats_url: str, js: JetStreamContext,
+                                                                 tmp_path: Path) -> None:
+        """A sync job calling run.heartbeat(step=i) 1,000 times sends a handful of heartbeats, and the
+        views hold step 999 once it has finished."""
+        def job() -> float:
+            ledger = Ledger.connect(nats_url, spool=tmp_path / "spool.db")
+            with ledger.run("loop", heartbeat=None) as run:
+                began = time.monotonic()
+                for i in range(1000):
+                    run.heartbeat(step=i, progress=i / 1000)
+                took = time.monotonic() - began
+            ledger.close()
+            return took
+
+        took = await asyncio.to_thread(job)
+        sent = beats(await run_events(js, "loop"))
+        await project(js, tmp_path / "views.db")
+        row = run_row(tmp_path / "views.db", "loop")
+        assert row is not None
+        assert (True, "finished", 999, 0.999) == (len(sent) <= took + 2, row["state"], row["step"], row["progress"])
+
+    async def test_async_loop_of_1000_heartbeats_sends_a_handful(self, nats_url: str, js: JetStreamContext,
+                                                                  tmp_path: Path) -> None:
+        """The same with the async client: at most one heartbeat a second, the last step in the views."""
+        ledger = await AsyncLedger.connect(nats_url, spool=tmp_path / "spool.db")
+        try:
+            async with ledger.run("aloop", heartbeat=None) as run:
+                began = time.monotonic()
+                for i in range(1000):
+                    await run.heartbeat(step=i)
+                took = time.monotonic() - began
+        finally:
+            await ledger.close()
+        sent = beats(await run_events(js, "aloop"))
+        await project(js, tmp_path / "views.db")
+        row = run_row(tmp_path / "views.db", "aloop")
+        assert row is not None
+        assert (True, 999, "finished") == (len(sent) <= took + 2, row["step"], row["state"])
+
+    async def test_pending_heartbeat_goes_out_when_due(self, nats_url: str, js: JetStreamContext,
+                                                       tmp_path: Path) -> None:
+        """A heartbeat held back by the interval goes out by itself once the interval is up, fields
+        merged (the latest progress, the step given before it)."""
+        ledger = await AsyncLedger.connect(nats_url, spool=tmp_path / "spool.db", heartbeat_min_interval=0.3)
+        try:
+            run = await ledger.start_run("due", heartbeat=None)
+            await run.heartbeat(step=1)
+            await run.heartbeat(step=2)
+            await run.heartbeat(progress=0.5)
+            await async_wait_until(lambda: _count_beats(js, "due", 2), what="the pending heartbeat")
+            sent = beats(await run_events(js, "due"))
+            assert [(1, None), (2, 0.5)] == [(b.step, b.progress) for b in sent]
+            assert sent[1].at - sent[0].at < timedelta(seconds=0.3)  # its time is the last call's
+        finally:
+            await ledger.close()
+
+    async def test_interval_zero_sends_every_heartbeat(self, nats_url: str, js: JetStreamContext,
+                                                       tmp_path: Path) -> None:
+        """heartbeat_min_interval=0 turns coalescing off: every call is one event."""
+        ledger = await AsyncLedger.connect(nats_url, spool=tmp_path / "spool.db", heartbeat_min_interval=0)
+        try:
+            async with ledger.run("every", heartbeat=None) as run:
+                for i in range(20):
+                    await run.heartbeat(step=i)
+        finally:
+            await ledger.close()
+        assert list(range(20)) == [b.step for b in beats(await run_events(js, "every"))]
+
+    async def test_background_heartbeats_keep_their_interval(self, nats_url: str, js: JetStreamContext,
+                                                             tmp_path: Path) -> None:
+        """The background heartbeat (ledger run --heartbeat) is not held to the one-a-second bound."""
+        ledger = await AsyncLedger.connect(nats_url, spool=tmp_path / "spool.db", heartbeat_min_interval=5)
+        try:
+            async with ledger.run("bg", heartbeat=0.05):
+                await async_wait_until(lambda: _count_beats(js, "bg", 3), what="three background heartbeats")
+        finally:
+            await ledger.close()
+
+
+async def _count_beats(js: JetStreamContext, run_id: str, at_least: int) -> bool:
+    return len(beats(await run_events(js, run_id))) >= at_least
