@@ -5,6 +5,10 @@ and rebuild, real SQLite)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import subprocess
+import sys
 import tempfile
 import time
 from datetime import timedelta
@@ -14,15 +18,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nats.js import JetStreamContext
 
+from ledger.core import events as ev
 from ledger.core.events import AnyEvent, RunHeartbeat, encode_event, subject_of
+from ledger.core.fold import Recorded, Views
 from ledger.jobs.client import AsyncLedger
 from ledger.jobs.sync_client import Ledger
-from ledger.nats.stream import StreamMessage
+from ledger.nats.publisher import Publisher
+from ledger.nats.stream import StreamMessage, read_range
+from projections.compact import removable
 from projections.projector import Projector
+from projections.rebuild import rebuild
 from projections.rebuild import _Builder
-from tests.factory import dump_views, exited, heartbeat, run_row, started
-from tests.jobs import async_wait_until, run_events
-from tests.test_properties import EPOCH, heartbeat_rich_lists
+from tests.factory import at, dump_views, exited, heartbeat, killed, preempting, run_row, started
+from tests.jobs import async_wait_until, run_events, types
+from tests.test_properties import EPOCH, RUN_IDS, heartbeat_rich_lists, record, spaced
 from projections.store import Folded, commit_batch, decode_batch, fold, open_db
 from projections.views import BatchKeys, ViewCache, read_views
 from tests.test_store import project_plainly
@@ -205,3 +214,138 @@ class TestCoalescing:
 
 async def _count_beats(js: JetStreamContext, run_id: str, at_least: int) -> bool:
     return len(beats(await run_events(js, run_id))) >= at_least
+
+
+# --------------------------------------------------------------------------- ledger compact
+
+
+def messages_of(stream: list[Recorded]) -> list[StreamMessage]:
+    return [StreamMessage(r.seq, r.recorded_at, subject_of(r.event), encode_event(r.event), None, 0) for r in stream]
+
+
+class TestRemovable:
+    @settings(max_examples=400)
+    @given(events=heartbeat_rich_lists, data=st.data())
+    def test_removing_what_compact_chooses_changes_no_view(self, events: list[AnyEvent],
+                                                          data: st.DataObject) -> None:
+        """For any stream, removing the heartbeats compact picks for a run leaves every run, sweep,
+        history entry and seen id of the final views as they were."""
+        stream = spaced(events)
+        whole = Views().fold(stream)
+        run_id = data.draw(st.sampled_from(RUN_IDS), label="run")
+        first_seen: dict[str, int] = {}
+        for event_id, seq in whole.new_ids:
+            first_seen.setdefault(event_id, seq)
+        own = [m for m in messages_of(stream) if m.subject.startswith(f"ledger.run.{run_id}.")]
+        removed = set(removable(run_id, own, first_seen))
+        kept = Views().fold(rec for rec in stream if rec.seq not in removed)
+        assert (whole.runs, whole.sweeps, whole.history, whole.seen) == (kept.runs, kept.sweeps, kept.history,
+                                                                         kept.seen)
+        assert all(type(rec.event) is RunHeartbeat for rec in stream if rec.seq in removed)
+
+    def test_a_finished_run_keeps_its_last_heartbeat(self) -> None:
+        """Of a run started, heartbeating 100 times and finished, only the last heartbeat stays."""
+        events: list[AnyEvent] = [started("c1", attempt=1)]
+        events += [heartbeat("c1", t=1 + i / 100, step=i, attempt=1) for i in range(100)]
+        events.append(exited("c1", 0, t=3, attempt=1))
+        msgs = messages_of(record(events))
+        removed = removable("c1", msgs, {events[0].id: 1, events[-1].id: len(events)})
+        assert [m.seq for m in msgs[1:-2]] == removed
+
+
+def ledger_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ledger.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+async def subjects_of(js: JetStreamContext, run_id: str) -> list[str]:
+    """The subject of every message on the run's subjects, bad input included."""
+    out: list[str] = []
+    async with contextlib.aclosing(read_range(js, subject=f"ledger.run.{run_id}.>")) as batches:
+        async for batch in batches:
+            out += [m.subject for m in batch]
+    return out
+
+
+class TestCompact:
+    async def _history(self, publisher: Publisher, js: JetStreamContext) -> None:
+        """Runs that end in every way, heartbeating with and without attempts, a crash revived, a
+        resume, bad input and a late duplicate on their subjects, and one run still running."""
+        await publisher.publish(started("done", attempt=1))
+        for i in range(200):
+            await publisher.publish(heartbeat("done", t=1 + i / 1000, step=i, progress=i / 200, attempt=1))
+        await publisher.publish(exited("done", 0, t=2, attempt=1))
+        await js.publish("ledger.run.done.heartbeat", b"not json")  # quarantined: a view holds it
+        await publisher.publish(started("again", attempt=1))
+        for i in range(30):
+            await publisher.publish(heartbeat("again", t=1 + i / 100, step=i, attempt=1))
+        await publisher.publish(ev.RunCrashed(id="crash-1", at=at(1.5), run_id="again", attempt=1,
+                                              reason="heartbeat-timeout", last_heartbeat_at=at(1.29)))
+        for i in range(30, 60):  # the first revives the run: it stays
+            await publisher.publish(heartbeat("again", t=1.3 + i / 100, progress=i / 100, attempt=1))
+        await publisher.publish(preempting("again", t=2.0, attempt=1))
+        await publisher.publish(exited("again", 143, t=2.1, attempt=1))
+        await publisher.publish(started("again", t=3, attempt=2, resume="allow"))
+        for i in range(30):
+            await publisher.publish(heartbeat("again", t=4 + i / 100, message=f"m{i}", attempt=2))
+        await publisher.publish(killed("again", t=5, attempt=2, reason="user"))
+        await publisher.publish(started("anon"))
+        for i in range(20):  # no attempt named: the views remember these, they stay
+            await publisher.publish(heartbeat("anon", t=1 + i / 100, step=i))
+        await publisher.publish(exited("anon", 1, t=2))
+        late = heartbeat("done", t=1.05, step=3, attempt=1)
+        await js.publish(subject_of(late), encode_event(late))  # a heartbeat of a finished run: late
+        await publisher.publish(started("live", attempt=1))
+        for i in range(50):
+            await publisher.publish(heartbeat("live", t=1 + i / 100, step=i, attempt=1))
+
+    async def test_compact_then_verify(self, js: JetStreamContext, publisher: Publisher, tmp_path: Path,
+                                       cli_env: dict[str, str]) -> None:
+        """After `ledger compact --older-than 0s`, ledger verify holds, a rebuild gives the very same
+        views, most heartbeats of the ended runs are gone, and the running run lost none."""
+        await self._history(publisher, js)
+        data_dir = tmp_path / "data"
+        await Projector(js, data_dir / "views.db", idle_poll=0.2).run(until_idle=True)
+        before = dump_views(data_dir / "views.db")
+        live_before = types(await run_events(js, "live"))
+        total_before = (await js.stream_info("LEDGER")).state.messages
+        env = {**cli_env, "LEDGER_DATA_DIR": str(data_dir)}
+
+        dry = ledger_cli("compact", "--older-than", "0s", "--dry-run", "--json", env=env)
+        assert 0 == dry.returncode, dry.stderr
+        assert total_before == (await js.stream_info("LEDGER")).state.messages
+
+        done = ledger_cli("compact", "--older-than", "0s", "--json", env=env)
+        assert 0 == done.returncode, done.stderr
+        summary = json.loads(done.stdout)
+        assert json.loads(dry.stdout)["messages_removed"] == summary["messages_removed"], dry.stderr + done.stderr
+
+        verify = ledger_cli("verify", env=env)
+        assert (0, "views equal the stream") == (verify.returncode, verify.stdout[:22]), verify.stdout
+        rebuilt = tmp_path / "rebuilt.db"
+        await rebuild(js, rebuilt)
+        assert before == dump_views(rebuilt)
+        assert before == dump_views(data_dir / "views.db")
+        left = (await subjects_of(js, "done")).count("ledger.run.done.heartbeat") - 2  # bad input, late copy
+        total_after = (await js.stream_info("LEDGER")).state.messages
+        assert (1, live_before, total_before - summary["messages_removed"]) == (
+            left, types(await run_events(js, "live")), total_after)
+        assert summary["messages_removed"] >= 199 + 50
+        assert 20 == types(await run_events(js, "anon")).count("run.heartbeat")
+
+        again = ledger_cli("compact", "--older-than", "0s", "--json", env=env)
+        assert (0, 0) == (again.returncode, json.loads(again.stdout)["runs_examined"])
+
+    async def test_horizon_keeps_recent_runs(self, js: JetStreamContext, publisher: Publisher, tmp_path: Path,
+                                             cli_env: dict[str, str]) -> None:
+        """Runs that ended within --older-than keep every message; a bad duration is one line, exit 2."""
+        await self._history(publisher, js)
+        data_dir = tmp_path / "data"
+        await Projector(js, data_dir / "views.db", idle_poll=0.2).run(until_idle=True)
+        env = {**cli_env, "LEDGER_DATA_DIR": str(data_dir)}
+        total = (await js.stream_info("LEDGER")).state.messages
+        done = ledger_cli("compact", "--older-than", "1h", "--json", env=env)
+        assert (0, 0, total) == (done.returncode, json.loads(done.stdout)["messages_removed"],
+                                 (await js.stream_info("LEDGER")).state.messages)
+        bad = ledger_cli("compact", "--older-than", "7 days", env=env)
+        assert (2, True) == (bad.returncode, "not a duration" in bad.stderr)
