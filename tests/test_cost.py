@@ -24,6 +24,7 @@ from ledger.core.fold import Recorded, Views
 from ledger.jobs.client import AsyncLedger
 from ledger.jobs.sync_client import Ledger
 from ledger.nats.publisher import Publisher
+from ledger.nats.server import free_port
 from ledger.nats.stream import StreamMessage, read_range
 from projections.compact import removable
 from projections.projector import Projector
@@ -31,6 +32,7 @@ from projections.rebuild import rebuild
 from projections.rebuild import _Builder
 from tests.factory import at, dump_views, exited, heartbeat, killed, preempting, run_row, started
 from tests.jobs import async_wait_until, run_events, types
+from tests.test_operations import DEADLINE_S, LedgerUp, user_env
 from tests.test_properties import EPOCH, RUN_IDS, heartbeat_rich_lists, record, spaced
 from projections.store import Folded, commit_batch, decode_batch, fold, open_db
 from projections.views import BatchKeys, ViewCache, read_views
@@ -349,3 +351,34 @@ class TestCompact:
                                  (await js.stream_info("LEDGER")).state.messages)
         bad = ledger_cli("compact", "--older-than", "7 days", env=env)
         assert (2, True) == (bad.returncode, "not a duration" in bad.stderr)
+
+
+class TestCompactAfter:
+    async def test_up_compacts_by_itself(self, nats_url: str, js: JetStreamContext, publisher: Publisher,
+                                         tmp_path: Path) -> None:
+        """`ledger up --compact-after 0s` removes a finished run's heartbeats but its last, says so on stderr,
+        and its views stay equal to the stream."""
+        await publisher.publish(started("up1", attempt=1))
+        for i in range(100):
+            await publisher.publish(heartbeat("up1", t=1 + i / 1000, step=i, attempt=1))
+        await publisher.publish(exited("up1", 0, t=2, attempt=1))
+        data = tmp_path / "data"
+        up = LedgerUp(["--nats-url", nats_url, "--data-dir", str(data), "--http", f"127.0.0.1:{free_port()}",
+                       "--compact-after", "0s"], user_env())
+        try:
+            try:
+                await async_wait_until(lambda: _stream_messages(js, 3), timeout=DEADLINE_S,
+                                       what="compaction down to start, last heartbeat and exit")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}; ledger up said: {up.read_stderr()}") from None
+            assert "compacted 1 run(s): 99 heartbeat(s)" in up.read_stderr()
+            assert 0 == up.stop()
+        finally:
+            up.kill()
+        verify = ledger_cli("verify", "--data-dir", str(data), env={**user_env(), "LEDGER_NATS_URL": nats_url})
+        assert 0 == verify.returncode, verify.stdout + verify.stderr
+        assert [99] == [row[8] for row in dump_views(data / "views.db")["runs"]]
+
+
+async def _stream_messages(js: JetStreamContext, expected: int) -> bool:
+    return int((await js.stream_info("LEDGER")).state.messages) == expected
