@@ -228,7 +228,8 @@ async def compact(js: JetStreamContext, db_path: Path, *, older_than: float, dry
                 sizes = {m.seq: stored_size(m) for m in msgs}
                 result.runs_compacted += 1
                 result.bytes_removed += sum(sizes[s] for s in removed)
-                result.messages_removed += len(removed) if dry_run else await _remove(js, run_id, msgs, removed)
+                gone = len(removed) if dry_run else await _remove(js, run_id, msgs, removed)
+                result.messages_removed += gone  # after the await: runs go concurrently
             if not dry_run:
                 await db.execute(MARK, (run_id, seq))
 

@@ -320,7 +320,7 @@ class TestCompact:
         done = ledger_cli("compact", "--older-than", "0s", "--json", env=env)
         assert 0 == done.returncode, done.stderr
         summary = json.loads(done.stdout)
-        assert json.loads(dry.stdout)["messages_removed"] == summary["messages_removed"], dry.stderr + done.stderr
+        assert json.loads(dry.stdout)["messages_removed"] == summary["messages_removed"], dry.stdout + done.stdout
 
         verify = ledger_cli("verify", env=env)
         assert (0, "views equal the stream") == (verify.returncode, verify.stdout[:22]), verify.stdout
@@ -371,7 +371,8 @@ class TestCompactAfter:
                                        what="compaction down to start, last heartbeat and exit")
             except AssertionError as exc:
                 raise AssertionError(f"{exc}; ledger up said: {up.read_stderr()}") from None
-            assert "compacted 1 run(s): 99 heartbeat(s)" in up.read_stderr()
+            await async_wait_until(lambda: "compacted 1 run(s): 99 heartbeat(s)" in up.read_stderr(),
+                                   timeout=DEADLINE_S, what="ledger up saying what it compacted")
             assert 0 == up.stop()
         finally:
             up.kill()
