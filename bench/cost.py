@@ -93,9 +93,13 @@ async def bench_views(js: Any, work: Path, runs: int, beats: int, lifecycles: in
     life = [f"life-{i:06d}" for i in range(lifecycles)]
     await publish(js, [make(ev.RunStarted, r, 0, attempt=1) for r in life])
     await publish(js, [make(ev.RunExited, r, 60, attempt=1, exit_code=0) for r in life])
+    from projections.schema import SCHEMA
+
     empty = work / "views-empty.db"
     await project(js, db2)
-    sqlite3.connect(empty).executescript(__import__("projections.schema", fromlist=["SCHEMA"]).SCHEMA)
+    con = sqlite3.connect(empty)
+    con.executescript(SCHEMA)
+    con.close()
     base = views_bytes(empty)
     return {"runs": runs, "heartbeats": runs * beats,
             "views_bytes_per_heartbeat": (after_beats - after_starts) / (runs * beats),

@@ -199,6 +199,8 @@ class AsyncRunHandle:
         """Record the end of the process (and why, when known); waits (bounded) until it is sent or spooled."""
         await self.stop_heartbeats()
         await self._publish(self._event(ev.RunExited, exit_code=exit_code, signal=signal, reason=reason), wait=wait)
+        if self in self.ledger._handles:  # nothing pending any more: close() need not flush this one
+            self.ledger._handles.remove(self)
 
     def start_heartbeats(self) -> None:
         if self.heartbeat_every and self._beats is None:
