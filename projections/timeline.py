@@ -11,6 +11,10 @@ run event that names it) has no message of its own before that event, so its
 as-of also searches the ``run.queued`` and ``run.started`` subjects before
 the sweep's first own message for the event that implied it.
 
+A heartbeat delivered again is ``late`` (or ``stale``), not ``duplicate``:
+the views do not remember heartbeat ids (``ledger.core.fold.remembers``), the
+monotonic heartbeat rule makes the copy a no-op, and this trail says so.
+
 Limits, by construction: an event id reused by *another* run or sweep (ids
 should be globally unique) is a duplicate to the views but not here; and the
 stream clock is taken as non-decreasing (a time cut stops at the first
@@ -77,6 +81,9 @@ def _why(outcome: str, event: AnyEvent, base: Run, after: Run | None, created: b
                 f"{base.attempt} (a zombie of another attempt){suffix}")
     if outcome == "late":
         if isinstance(event, RunHeartbeat) and base.state not in HEARTBEAT_ENDED:
+            if base.last_heartbeat_at is not None and event.at == base.last_heartbeat_at:
+                return (f"late heartbeat: at the instant of the last one applied in attempt {base.attempt} "
+                        f"({base.last_heartbeat_at}), so that one delivered again or its twin; no change")
             return (f"late heartbeat: older (at {event.at}) than the last one applied in attempt {base.attempt} "
                     f"(at {base.last_heartbeat_at}); no change")
         return f"late heartbeat: the run is {base.state}; no state change"

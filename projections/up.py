@@ -41,6 +41,8 @@ class UpSettings:
     http_token: str | None = None
     replicas: int | None = None
     """Replicas of the stream: on creation, or to raise an existing one's (never lowered); None: the default."""
+    compact_after: float | None = None
+    """``--compact-after``: compact the heartbeats of runs ended longer ago than this (seconds); None: never."""
 
 
 def parse_hostport(value: str) -> tuple[str, int]:
@@ -119,6 +121,7 @@ async def _serve(settings: UpSettings, url: str, embedded: EmbeddedNats | None, 
                  signals: AsyncIterator[int], on_ready: Callable[[dict[str, object]], None]) -> None:
     from ledger.nats.publisher import Publisher
     from projections.api import ApiState, api_server
+    from projections.compact import compact_every
     from projections.projector import Projector, SeqNotifier
     from projections.reactors import Monitor, SweepReactor
 
@@ -157,6 +160,8 @@ async def _serve(settings: UpSettings, url: str, embedded: EmbeddedNats | None, 
             await tg.start(Monitor(db_path, publisher, notifier=notifier, timeout=settings.heartbeat_timeout).run)
             await tg.start(SweepReactor(db_path, publisher, notifier=notifier, interval=0.2).run)
             tg.start_soon(serve_api)
+            if settings.compact_after is not None:
+                tg.start_soon(lambda: compact_every(js, db_path, settings.compact_after or 0.0, log=say))
             with anyio.fail_after(15):
                 while not server.started:  # uvicorn exposes readiness only as a flag
                     if api_done.is_set():

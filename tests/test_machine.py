@@ -23,7 +23,7 @@ implies elsewhere:
 - Attempts: a start naming attempt N starts attempt N unless the run already
   started N or a later one (a run that never started has used no attempt; one
   that ended without starting, killed while pending, has used its first);
-  within an attempt, a heartbeat older than ``last_heartbeat_at`` is ``late``.
+  within an attempt, a heartbeat not later than ``last_heartbeat_at`` is ``late``.
   The canonical runs below are at attempt 1, heartbeat last at T2 once started.
 """
 
@@ -259,12 +259,12 @@ HEARTBEAT_TABLE = """
               older    same-instant  newer
 pending       applied  applied       applied
 initializing  applied  applied       applied
-running       late     applied       applied
-stopping      late     applied       applied
-idle          late     applied       applied
+running       late     late          applied
+stopping      late     late          applied
+idle          late     late          applied
 finished      late     late          late
 failed        late     late          late
-crashed       late     applied       applied
+crashed       late     late          applied
 killed        late     late          late
 preempted     late     late          late
 """
@@ -449,6 +449,18 @@ class TestHeartbeat:
         older = run_event(RunHeartbeat, id="ev-2", at=T3, step=3, progress=0.1)
         assert (run, "late") == (evolve(run, older), effect(run, older))
         assert (T4, 10, 0.5) == (run.last_heartbeat_at, run.step, run.progress)
+
+    def test_same_instant_heartbeat_is_late(self) -> None:
+        """Attempts: a heartbeat at the instant of the last one applied (it may be that one again) is late."""
+        run = evolve(run_in("running"), run_event(RunHeartbeat, at=T4, step=10))
+        again = run_event(RunHeartbeat, id="ev-2", at=T4.astimezone(timezone(timedelta(hours=2))), step=3)
+        assert (run, "late") == (evolve(run, again), effect(run, again))
+
+    def test_heartbeat_of_the_crash_evidence_does_not_revive(self) -> None:
+        """Rules 3 and 9: only a heartbeat later than the crash's evidence revives the run."""
+        crashed = evolve(run_in("running"), run_event(RunCrashed, reason="heartbeat-timeout", last_heartbeat_at=T2))
+        assert ("crashed", "running") == (evolve(crashed, run_event(RunHeartbeat, at=T2)).state,
+                                          evolve(crashed, run_event(RunHeartbeat, at=T3)).state)
 
     def test_older_heartbeat_does_not_revive_a_crashed_run(self) -> None:
         """Attempts and rule 9: a heartbeat older than the crashed run's last one is no sign of life."""

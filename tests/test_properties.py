@@ -200,14 +200,19 @@ class TestFold:
     @settings(max_examples=300)
     @given(events=event_lists, data=st.data())
     def test_duplicates_change_nothing(self, events: list[AnyEvent], data: st.DataObject) -> None:
-        """An event id seen before, inserted anywhere later at a later seq, changes nothing."""
+        """An event id seen before, inserted anywhere later at a later seq, changes nothing: with any
+        content when the views remember the id, as the very same event when it is a forgotten heartbeat."""
         if not events:
             return
+        remembered = {event_id for event_id, _ in fold_all(record(events)).new_ids}
         inserted: dict[int, list[AnyEvent]] = {}
         for _ in range(data.draw(st.integers(0, 8), label="duplicates")):
             original = data.draw(st.integers(0, len(events) - 1), label="original")
             before = data.draw(st.integers(original + 1, len(events)), label="inserted before")
-            copy = data.draw(st.sampled_from(events) | pooled_events, label="same id, any content")
+            if events[original].id in remembered:
+                copy = data.draw(st.sampled_from(events) | pooled_events, label="same id, any content")
+            else:
+                copy = events[original]  # a heartbeat delivered again: the same event
             inserted.setdefault(before, []).append(replace(copy, id=events[original].id))
         plain = [Recorded(100 * (i + 1), EPOCH + timedelta(seconds=100 * (i + 1)), e) for i, e in enumerate(events)]
         with_duplicates: list[Recorded] = []
@@ -221,12 +226,15 @@ class TestFold:
     @settings(max_examples=100)
     @given(events=event_lists)
     def test_apply_reports_duplicates(self, events: list[AnyEvent]) -> None:
-        """Applying a stream a second time answers ``duplicate`` for every event and changes nothing."""
+        """Applying a stream a second time changes nothing: ``duplicate`` for every event the views
+        remember, ``late`` or ``stale`` for a heartbeat they do not."""
         stream = record(events)
         views = fold_all(stream)
+        remembered = set(views.seen)
         before = (dict(views.runs), dict(views.sweeps), list(views.history))
         second = [views.apply(rec) for rec in record(events, lambda i: 1000 + i)]
-        assert (["duplicate"] * len(events), before) == (second, state(views))
+        expected = [("duplicate",) if e.id in remembered else ("late", "stale") for e in events]
+        assert ([True] * len(events), before) == ([o in e for o, e in zip(second, expected)], state(views))
 
     @settings(max_examples=100)
     @given(events=event_lists)
@@ -356,6 +364,67 @@ class TestAttempts:
                 assert before.attempt <= after.attempt
                 if before.attempt == after.attempt and before.last_heartbeat_at is not None:
                     assert after.last_heartbeat_at is not None and before.last_heartbeat_at <= after.last_heartbeat_at
+
+
+heartbeat_rich_lists = st.lists(st.one_of(pooled_events, structs(RunHeartbeat, POOLS)), min_size=1, max_size=40)
+"""Streams where half the events are heartbeats (of two runs, with or without an attempt)."""
+
+
+def points(stream: list[Recorded]) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """The outcome of each event, and the runs, sweeps, history and seen ids after it, folded one by one."""
+    views = Views()
+    outcomes, after = [], []
+    for rec in stream:
+        outcomes.append(views.apply(rec))
+        after.append((dict(views.runs), dict(views.sweeps), list(views.history), set(views.seen)))
+    return outcomes, after
+
+
+class TestRedeliveredHeartbeats:
+    """CONTRACT sections 1 and 9: the views keep no id per heartbeat, yet a heartbeat delivered
+    again, however late, changes nothing."""
+
+    @settings(max_examples=500)
+    @given(events=heartbeat_rich_lists, data=st.data())
+    def test_redelivered_heartbeat_changes_no_view(self, events: list[AnyEvent], data: st.DataObject) -> None:
+        """Any heartbeat of a stream delivered again at any later points changes no run, sweep, history
+        entry or seen id at any point, and answers late, stale or duplicate."""
+        stream = spaced(events)
+        beats = [i for i, rec in enumerate(stream) if type(rec.event) is RunHeartbeat]
+        if not beats:
+            return
+        copies: dict[int, list[AnyEvent]] = {}
+        for _ in range(data.draw(st.integers(1, 4), label="re-deliveries")):
+            original = data.draw(st.sampled_from(beats), label="heartbeat")
+            later = data.draw(st.integers(original + 1, len(stream)), label="delivered again before")
+            copies.setdefault(later, []).append(stream[original].event)
+        with_copies: list[Recorded] = []
+        originals: list[int] = []
+        for i in range(len(stream) + 1):
+            with_copies += [Recorded(100 * i + j + 1, EPOCH + timedelta(seconds=100 * i + j + 1), e)
+                            for j, e in enumerate(copies.get(i, []))]
+            if i < len(stream):
+                originals.append(len(with_copies))
+                with_copies.append(stream[i])
+        plain_outcomes, plain = points(stream)
+        outcomes, after = points(with_copies)
+        assert plain == [after[k] for k in originals]
+        assert plain_outcomes == [outcomes[k] for k in originals]
+        assert {"late", "stale", "duplicate"} >= {o for k, o in enumerate(outcomes) if k not in set(originals)}
+
+    @settings(max_examples=300)
+    @given(events=heartbeat_rich_lists)
+    def test_seen_grows_with_state_changes_not_heartbeats(self, events: list[AnyEvent]) -> None:
+        """A heartbeat naming an attempt the run already has leaves no seen id; every other event leaves one."""
+        views = Views()
+        for rec in record(events):
+            event = rec.event
+            run = views.runs.get(getattr(event, "run_id", ""))
+            before = len(views.new_ids)
+            outcome = views.apply(rec)
+            named = type(event) is RunHeartbeat and event.attempt is not None \
+                and event.attempt <= (run.attempt if run else 1)  # type: ignore[union-attr]
+            assert (0 if named or outcome == "duplicate" else 1) == len(views.new_ids) - before
 
 
 class TestImpliedSweeps:

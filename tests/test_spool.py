@@ -74,7 +74,7 @@ class TestLostMidRun:
         """Heartbeats sent while NATS is down reach the stream in order, once, when it is back."""
         await server.start()
         spool = tmp_path / "spool.db"
-        client = await AsyncLedger.connect(server.nats.url, spool=spool)
+        client = await AsyncLedger.connect(server.nats.url, spool=spool, heartbeat_min_interval=0)  # every one
         run = await client.start_run("m1", heartbeat=None)
         for step in range(5):
             await run.heartbeat(step=step)

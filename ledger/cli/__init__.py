@@ -28,6 +28,7 @@ VERBS: dict[str, str] = {
     "audit": "ledger.cli.audit:audit",
     "replay": "ledger.cli.audit:replay",
     "verify": "ledger.cli.audit:verify",
+    "compact": "ledger.cli.compact:compact",
     "quarantine": "ledger.cli.follow:quarantine",
     "status": "ledger.cli.status:status",
 }

@@ -11,6 +11,7 @@ import anyio
 import click
 
 from ledger.cli.common import console, json_option, nats_url_option, needs_server
+from ledger.cli.compact import Duration
 
 
 @click.command()
@@ -28,9 +29,12 @@ from ledger.cli.common import console, json_option, nats_url_option, needs_serve
 @click.option("--replicas", envvar="LEDGER_REPLICAS", default=None, type=click.IntRange(1, 5),
               help="Replicas of the LEDGER stream when created (default 1, or 3 on a cluster); an existing "
                    "stream's are raised to this, never lowered  [env LEDGER_REPLICAS]")
+@click.option("--compact-after", "compact_after", envvar="LEDGER_COMPACT_AFTER", default=None, type=Duration(),
+              help="Now and then remove from the stream the heartbeats no view needs, of runs ended longer ago "
+                   "than this (7d, 12h, 30m; needs the admin role)  [env LEDGER_COMPACT_AFTER; default: never]")
 @json_option
 def up(data_dir: Path, nats_url: str | None, nats_port: int, http: str, heartbeat_timeout: float,
-       http_token: str | None, replicas: int | None, as_json: bool) -> None:
+       http_token: str | None, replicas: int | None, compact_after: float | None, as_json: bool) -> None:
     """Run the ledger: embedded NATS (unless --nats-url), stream, projector and HTTP API."""
     with needs_server("up"):
         import projections.api  # noqa: F401  (the API and its server: the extra's libraries, checked up front)
@@ -48,7 +52,7 @@ def up(data_dir: Path, nats_url: str | None, nats_port: int, http: str, heartbea
         sys.stdout.flush()
 
     settings = UpSettings(data_dir, nats_url, nats_port, http, heartbeat_timeout, http_token or None,
-                          replicas=replicas)
+                          replicas=replicas, compact_after=compact_after)
     try:
         asyncio.run(run_up(settings, ready))
     except KeyboardInterrupt:  # a Ctrl-C before the signal handlers were in place: nothing had started

@@ -11,6 +11,20 @@ that event's time, with a history entry of its own. So a run never points at
 a sweep the views cannot show. A reader that folds a batch onto loaded rows
 must load the sweeps its run events name (``naming_sweep``), or it would
 take a known sweep for a new one.
+
+Duplicates (CONTRACT section 1: a duplicate changes nothing, however late)
+are caught by the ``seen`` ids, except heartbeats, which the views do not
+remember one by one (section 9: views grow with state changes, not with
+heartbeats). A heartbeat that names the run's attempt (or an earlier one) is
+a no-op when it comes again by reasoning alone (``remembers``): within its
+attempt ``last_heartbeat_at`` never moves back and a heartbeat not later
+than it is ``late`` (``machine.late``), another attempt fences it, and
+attempts only go up. Heartbeats that name no attempt, or one the run has not
+started yet, are remembered like any other event: a later attempt clears
+``last_heartbeat_at``, so they could apply again. A re-delivered heartbeat
+therefore answers ``late`` (or ``stale``), not ``duplicate``. The price: an
+event that reuses the id of a forgotten heartbeat (ids are the producer's
+and must be unique) is not caught as its duplicate.
 """
 
 from __future__ import annotations
@@ -26,6 +40,7 @@ from msgspec.structs import replace
 from ledger.core.events import (
     AnyEvent,
     RunEvent,
+    RunHeartbeat,
     RunQueued,
     RunStarted,
     SweepEvent,
@@ -51,6 +66,15 @@ def naming_sweep(event: AnyEvent) -> str | None:
     if kind is RunStarted or kind is RunQueued:
         return event.sweep_id  # type: ignore[union-attr]
     return None
+
+
+def remembers(run: Run | None, event: AnyEvent) -> bool:
+    """Whether the views keep the event's id in ``seen``: every event but a heartbeat whose
+    re-delivery is a no-op by reasoning (it names an attempt the run already has, or an older one)."""
+    if type(event) is not RunHeartbeat:
+        return True
+    attempt = event.attempt
+    return attempt is None or attempt > (run.attempt if run is not None else 1)
 
 
 class Recorded(msgspec.Struct, frozen=True, gc=False):
@@ -120,11 +144,12 @@ class Views:
         seen = self.seen
         if event_id in seen:
             return "duplicate"
-        seen.add(event_id)
-        self.new_ids.append((event_id, rec.seq))
         if isinstance(event, RunEvent):
             run_id = event.run_id
             old_run = self.runs.get(run_id)
+            if remembers(old_run, event):
+                seen.add(event_id)
+                self.new_ids.append((event_id, rec.seq))
             if old_run is None:
                 result, run = step(new_run(event), event)  # type: ignore[arg-type]
             else:
@@ -140,6 +165,8 @@ class Views:
                 self._imply_sweep(sweep_id, rec, run_id)
             return "applied"
         assert isinstance(event, SweepEvent)
+        seen.add(event_id)
+        self.new_ids.append((event_id, rec.seq))
         old_sweep = self.sweeps.get(event.sweep_id)
         base_sweep = old_sweep if old_sweep is not None else new_sweep(event)  # type: ignore[arg-type]
         sweep = evolve_sweep(base_sweep, event)  # type: ignore[arg-type]

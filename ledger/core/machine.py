@@ -160,18 +160,21 @@ def late(run: Run, event: RunHeartbeat) -> bool:
     """Whether a heartbeat changes nothing because it comes too late.
 
     Rule 3: the run is terminal or preempted. "Attempts": the heartbeat is
-    older (by ``at``) than the last one applied in the run's current attempt
-    (``last_heartbeat_at``), so a run never moves backwards. The comparison
-    restarts with each attempt, since a start of another attempt clears
-    ``last_heartbeat_at`` (the new attempt's host keeps its own clock). A
-    heartbeat at the same instant as the last one applies. A late heartbeat
-    is no evidence of life either: it does not revive a crashed run, and
-    rule 9 still compares a crash with the latest heartbeat applied.
+    not later (by ``at``) than the last one applied in the run's current
+    attempt (``last_heartbeat_at``), so a run never moves backwards. The
+    comparison restarts with each attempt, since a start of another attempt
+    clears ``last_heartbeat_at`` (the new attempt's host keeps its own clock).
+    A heartbeat at the same instant as the last one is late too: it may be
+    that very heartbeat again, and the views do not remember heartbeat ids
+    (``fold.remembers``), so a re-delivery must be a no-op by this rule. A
+    late heartbeat is no evidence of life either: it does not revive a
+    crashed run (only one later than the crash's evidence does), and rule 9
+    still compares a crash with the latest heartbeat applied.
     """
     if run.state in HEARTBEAT_ENDED:
         return True
     latest = run.last_heartbeat_at
-    return latest is not None and event.at < latest
+    return latest is not None and event.at <= latest
 
 
 CrashIgnored: TypeAlias = Literal["not-alive", "heartbeat-after"]

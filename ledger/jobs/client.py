@@ -9,6 +9,16 @@ Events go through the durable spool (``ledger.jobs.spool``): publishing never
 blocks the job, and NATS being down costs nothing but delay. Starts are
 checked against the resume table atomically, with an expected-sequence append.
 
+Heartbeats are coalesced (CONTRACT section 9): at most one per run per
+``heartbeat_min_interval`` seconds (1 s by default; 0 sends every one) goes
+out; calls in between only update the pending one (the latest step,
+progress and message win), which goes out when the interval is up, and in
+any case before the run's next other event (so before ``run.exited``) and
+when the ledger closes. A loop calling ``run.heartbeat(step=i)`` a thousand
+times a second sends one heartbeat a second. The background heartbeats of
+``start_run(heartbeat=...)`` (``ledger run --heartbeat``) keep their own
+interval: each takes the pending fields along and goes out at once.
+
 An event the ledger would refuse (too large, invalid) is InvalidEvent at
 once and is never spooled; every wait is bounded (``publish(wait=...)``,
 ``close(drain=...)``), whatever the spool or NATS does.
@@ -20,10 +30,14 @@ import asyncio
 import os
 import signal as signals
 import sys
+import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Any
+
+import msgspec
 
 from ledger.core import events as ev
 from ledger.core.decide import decide_queue, decide_start
@@ -44,6 +58,8 @@ from ledger.nats.entity import load_run, load_sweep
 from ledger.nats.stream import DEFAULT_NATS_URL
 
 DEFAULT_HEARTBEAT_S = 30.0
+DEFAULT_HEARTBEAT_MIN_INTERVAL_S = 1.0
+"""At most one heartbeat per run per this many seconds leaves a client (CONTRACT section 9)."""
 DEFAULT_FRESH_WITHIN_S = 300.0
 START_RETRIES = 8
 START_WAIT_S = 60.0
@@ -73,7 +89,15 @@ class AsyncRunHandle:
         self.heartbeat_every = heartbeat_every
         self.started_seq = 0
         """The stream sequence of this attempt's run.started (0 when it was spooled unchecked)."""
+        self.min_interval = ledger.heartbeat_min_interval
+        """At most one heartbeat per this many seconds; the calls in between are coalesced."""
         self._beats: asyncio.Task[None] | None = None
+        self._lock = threading.Lock()  # the sync client offers heartbeats from the job's threads
+        self._pending: ev.RunHeartbeat | None = None
+        self._scheduled = False
+        self._last_sent = -float("inf")
+        self._timer: asyncio.TimerHandle | None = None
+        ledger._handles.append(self)
 
     def _event(self, kind: type[ev.RunEvent], **fields: Any) -> ev.AnyRunEvent:
         return kind(id=new_id(), at=now(), run_id=self.run_id, attempt=self.attempt, **fields)  # type: ignore[return-value]
@@ -86,19 +110,74 @@ class AsyncRunHandle:
         return event
 
     async def publish_event(self, event: ev.AnyRunEvent) -> None:
-        """Publish an event built by this handle (``heartbeat_event``); never blocks."""
-        await self._publish(event, wait=None)
+        """Publish an event built by this handle (a heartbeat from ``heartbeat_event`` is coalesced); never blocks."""
+        if type(event) is ev.RunHeartbeat:
+            self.schedule(self.offer(event))
+        else:
+            await self._publish(event, wait=None)
 
     async def _publish(self, event: ev.AnyRunEvent, *, wait: float | None) -> None:
+        self.flush()  # a pending heartbeat goes before any other event of the run
         await self.ledger.publish(event, wait=wait)
 
     async def heartbeat(self, step: int | None = None, progress: float | None = None,
                         message: str | None = None) -> None:
         """Say the run is alive, optionally with its step and progress (0..1). Never blocks.
 
-        InvalidEvent (nothing spooled) for a heartbeat the ledger would refuse (a huge message).
+        Coalesced: at most one heartbeat per ``min_interval`` seconds goes out, the latest
+        fields win. InvalidEvent (nothing spooled) for a heartbeat the ledger would refuse
+        (a huge message).
         """
-        await self._publish(self._event(ev.RunHeartbeat, step=step, progress=progress, message=message), wait=None)
+        self.schedule(self.offer(self.heartbeat_event(step=step, progress=progress, message=message)))
+
+    def offer(self, event: ev.AnyRunEvent) -> float | None:
+        """Make ``event`` the pending heartbeat, from any thread (the latest step, progress and message
+        win over the pending one's). Returns in how many seconds the pending one is due when a send must
+        be scheduled (``schedule``, on the ledger's loop), None when one is scheduled already."""
+        assert type(event) is ev.RunHeartbeat
+        with self._lock:
+            old = self._pending
+            if old is not None:
+                event = msgspec.structs.replace(
+                    event, step=event.step if event.step is not None else old.step,
+                    progress=event.progress if event.progress is not None else old.progress,
+                    message=event.message if event.message is not None else old.message)
+            self._pending = event
+            if self._scheduled:
+                return None
+            self._scheduled = True
+            return self._last_sent + self.min_interval - time.monotonic()
+
+    def schedule(self, delay: float | None) -> None:
+        """On the ledger's loop: send the pending heartbeat now (``delay`` <= 0) or when it is due."""
+        if delay is None:
+            return
+        if delay <= 0:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(delay, self._due)
+
+    def _due(self) -> None:
+        self._timer = None
+        with self._lock:
+            wait = self._last_sent + self.min_interval - time.monotonic()
+        if wait > 0:  # another event flushed meanwhile: wait for the next slot
+            self._timer = asyncio.get_running_loop().call_later(wait, self._due)
+        else:
+            self.flush()
+
+    def flush(self) -> None:
+        """On the ledger's loop: send the pending heartbeat now, if there is one."""
+        with self._lock:
+            event, self._pending = self._pending, None
+            self._scheduled = False
+            if event is not None:
+                self._last_sent = time.monotonic()
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+        if event is not None:
+            self.ledger.enqueue(event)
 
     async def mark_preempting(self, *, wait: float = 5.0) -> None:
         """Mark this attempt as being preempted; a non-zero exit then ends the run ``preempted``.
@@ -123,15 +202,20 @@ class AsyncRunHandle:
         """Record the end of the process (and why, when known); waits (bounded) until it is sent or spooled."""
         await self.stop_heartbeats()
         await self._publish(self._event(ev.RunExited, exit_code=exit_code, signal=signal, reason=reason), wait=wait)
+        if self in self.ledger._handles:  # nothing pending any more: close() need not flush this one
+            self.ledger._handles.remove(self)
 
     def start_heartbeats(self) -> None:
         if self.heartbeat_every and self._beats is None:
             self._beats = asyncio.get_running_loop().create_task(self._beat_loop(self.heartbeat_every))
 
     async def _beat_loop(self, every: float) -> None:
+        """The background heartbeat, one per ``every`` seconds whatever ``min_interval`` says (``ledger
+        run --heartbeat``): it takes the pending fields along and goes out at once."""
         while True:
             await asyncio.sleep(every)
-            await self.heartbeat()
+            self.offer(self.heartbeat_event())
+            self.flush()
 
     async def stop_heartbeats(self) -> None:
         task, self._beats = self._beats, None
@@ -146,23 +230,29 @@ class AsyncRunHandle:
 class AsyncLedger:
     """A job-side connection to the ledger: the spool, its outbox, and NATS when it is there."""
 
-    def __init__(self, url: str, spool: Spool, *, owner: str | None = None, report: Report = report_to_stderr) -> None:
+    def __init__(self, url: str, spool: Spool, *, owner: str | None = None, report: Report = report_to_stderr,
+                 heartbeat_min_interval: float = DEFAULT_HEARTBEAT_MIN_INTERVAL_S) -> None:
         self.url = url
         self.spool = spool
         self.connection = Connection(url)
         self.outbox = Outbox(spool, owner or owner_of(os.getpid()), self.connection, report=report)
+        self.heartbeat_min_interval = max(0.0, heartbeat_min_interval)
         self._tasks: list[asyncio.Task[None]] = []
+        self._handles: list[AsyncRunHandle] = []
 
     @classmethod
     async def connect(cls, url: str | None = None, *, spool: str | os.PathLike[str] | None = None,
-                      timeout: float = 2.0, report: Report = report_to_stderr) -> AsyncLedger:
+                      timeout: float = 2.0, report: Report = report_to_stderr,
+                      heartbeat_min_interval: float = DEFAULT_HEARTBEAT_MIN_INTERVAL_S) -> AsyncLedger:
         """Open the spool and try NATS (``url``, else ``$LEDGER_NATS_URL``, else the local default).
 
         NATS being unreachable is not an error: events wait in the spool.
         ``report`` gets one line per event the server refused for good and per
-        failing spool write (default: stderr).
+        failing spool write (default: stderr). At most one heartbeat per run per
+        ``heartbeat_min_interval`` seconds is sent (0: every one); the rest are coalesced.
         """
-        ledger = cls(resolve_url(url), await Spool(spool).open(), report=report)
+        ledger = cls(resolve_url(url), await Spool(spool).open(), report=report,
+                     heartbeat_min_interval=heartbeat_min_interval)
         ledger.connection.on_connect(ledger._on_connect)
         await ledger.connection.try_connect(timeout)
         loop = asyncio.get_running_loop()
@@ -185,7 +275,7 @@ class AsyncLedger:
         refuse; with ``wait``, a LedgerError if the spool could not be written
         in that time (the event stays queued and is tried again).
         """
-        durable = self.outbox.put(ev.subject_of(event), ev.encode_event(event), event.id)
+        durable = self.enqueue(event)
         if wait is None:
             return
         loop = asyncio.get_running_loop()
@@ -196,6 +286,10 @@ class AsyncLedger:
         except TimeoutError as exc:
             raise LedgerError(f"the spool {self.spool.path} took no event for {wait + 5.0:g} s") from exc
         await self.outbox.drain(max(deadline - loop.time(), 0.0))
+
+    def enqueue(self, event: ev.AnyEvent) -> asyncio.Future[None]:
+        """Queue the event to be spooled and sent, in order (on the ledger's loop); the future is done once spooled."""
+        return self.outbox.put(ev.subject_of(event), ev.encode_event(event), event.id)
 
     async def start_run(self, run_id: str | None = None, *, sweep: str | None = None, resume: ResumeMode = "never",
                         force: bool = False, heartbeat: float | None = DEFAULT_HEARTBEAT_S,
@@ -318,6 +412,8 @@ class AsyncLedger:
 
     async def close(self, drain: float = 5.0) -> bool:
         """Send what is spooled (at most ``drain`` s), then stop. False if some is left in the spool."""
+        for handle in self._handles:
+            handle.flush()  # coalesced heartbeats still pending go too
         sent = await self.outbox.drain(drain) if drain > 0 else False
         if self.outbox.unspooled:
             self.outbox.report(f"{self.outbox.unspooled} event(s) could neither be spooled nor sent and are lost "
