@@ -166,15 +166,22 @@ class Projector:
                   task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> int:
         """Project until cancelled (or, with ``until_idle``, until caught up). Returns the checkpoint.
 
-        The background commit runs in this method's own task group: a failure
-        no one expected ends it (and the projector) loudly, and a cancellation
-        ends the commit too, bounded (``commit_batch``: it rolls back whole).
+        The projecting loop and its background commit are tasks of this
+        method's own task group. A failure no one expected ends the group (and
+        the projector) loudly. A cancellation, even a plain ``Task.cancel()``
+        that some library's ``wait_for`` swallows once (Python 3.11 can), ends
+        them: it reaches this method waiting on the group, which cancels its
+        scope, and anyio repeats that at every await until both have ended.
+        The commit then lands or rolls back whole, bounded (``commit_batch``).
         """
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                checkpoint = await self._project(until_idle, task_status)
-            return checkpoint
+                ready = anyio.Event()
+                tg.start_soon(self._project, until_idle, ready)
+                await ready.wait()
+                task_status.started()
+            return self.checkpoint
         except BaseExceptionGroup as group:  # one failure (the usual case) is raised as itself
             if len(group.exceptions) == 1:
                 raise group.exceptions[0]  # the group stays its context
@@ -184,20 +191,20 @@ class Projector:
             with anyio.CancelScope(shield=True):
                 await self._stop()
 
-    async def _project(self, until_idle: bool, task_status: TaskStatus[None]) -> int:
+    async def _project(self, until_idle: bool, ready: anyio.Event) -> None:
         try:
             await self._start(reset=False)
         except _CannotWrite as exc:  # a full disk at start: serve what the views hold meanwhile
-            task_status.started()
+            ready.set()
             await self._reopen(reset=False, trouble=exc.reason)
         else:
-            task_status.started()
+            ready.set()
         while True:
             try:
                 if until_idle and not self._reader.buffered:  # type: ignore[union-attr]
                     await self._settle()
                     if await self._caught_up():
-                        return self.checkpoint
+                        return
                 batch = await self._reader.next_batch(self.batch_size, self.idle_poll)  # type: ignore[union-attr]
                 if self._swapped():
                     raise _Restart

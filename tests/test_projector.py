@@ -174,6 +174,26 @@ class TestProjection:
         with sqlite3.connect(db_path) as db:
             assert (1,) == db.execute("SELECT last_seq FROM checkpoint").fetchone()
 
+    async def test_a_cancellation_at_any_moment_stops_it(self, js: JetStreamContext, publisher: Publisher,
+                                                         tmp_path: Path) -> None:
+        """A plain Task.cancel() at any moment (reading, folding, committing, polling the stream's last sequence)
+        stops the projector, and what it committed is whole: projecting on gives the reference views."""
+        db_path = tmp_path / "v.db"
+        t = 0
+        for round_ in range(12):
+            for i in range(40):
+                t += 1
+                await publisher.publish(heartbeat(f"r{i % 7}", t=t, step=t) if round_ else started(f"r{i % 7}", t=t))
+            projector = Projector(js, db_path, idle_poll=0.05, batch_size=7)
+            status = Started()
+            task = asyncio.create_task(projector.run(task_status=status))  # type: ignore[arg-type]
+            await status.wait()
+            await asyncio.sleep(0.013 * round_)  # where the cancellation lands (not a synchronisation)
+            await stop_task(task)
+        assert 480 == await project(js, db_path)
+        assert 480 == await project(js, tmp_path / "reference.db")
+        assert dump_views(tmp_path / "reference.db") == dump_views(db_path)
+
 
 class TestDuplicates:
     async def test_duplicate_within_window_is_dropped_by_stream(self, js: JetStreamContext, publisher: Publisher,
