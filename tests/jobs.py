@@ -51,7 +51,7 @@ def types(events: list[ev.AnyEvent]) -> list[str]:
     return [ev.tag_of(e) for e in events]
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+def wait_until(condition: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -59,7 +59,7 @@ def wait_until(condition: Callable[[], bool], timeout: float = 15.0, what: str =
         time.sleep(0.01)
 
 
-async def async_wait_until(condition: Callable[[], object], timeout: float = 15.0, what: str = "condition") -> None:
+async def async_wait_until(condition: Callable[[], object], timeout: float = 60.0, what: str = "condition") -> None:
     import asyncio
 
     deadline = time.monotonic() + timeout
