@@ -187,7 +187,7 @@ class Projector:
                 raise group.exceptions[0]  # the group stays its context
             raise
         finally:
-            self._tg = None
+            self._tg = self._pending = None  # the group has ended, and its commit with it
             with anyio.CancelScope(shield=True):
                 await self._stop()
 

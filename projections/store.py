@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any, Final, NamedTuple, TypeAlias, TypeVar
@@ -203,7 +204,8 @@ def fold(views: Views, good: list[Recorded], bad: list[tuple], last_seq: int) ->
     return Folded(batch_writes(views, bad, last_seq), outcomes)
 
 
-def write_batch(con: sqlite3.Connection, writes: list[Write], expected: int) -> None:
+def write_batch(con: sqlite3.Connection, writes: list[Write], expected: int,
+                abandoned: threading.Event | None = None) -> None:
     """THE way a folded batch and its checkpoint reach SQLite: the projector's commits, ``apply_batch``
     and the rebuild all come here (the projector and ``apply_batch`` through ``commit_batch``).
 
@@ -216,8 +218,13 @@ def write_batch(con: sqlite3.Connection, writes: list[Write], expected: int) -> 
     (quarantined bytes, a history reason holding a NUL).
 
     Synchronous and whole: run in the connection's own thread (``commit_batch``)
-    it is one call, so a cancelled caller cannot stop it half way.
+    it is one call, so a cancelled caller cannot stop it half way. Once
+    ``abandoned`` is set (and the connection interrupted) it writes nothing
+    more: SQLite's busy wait for a lock cannot be interrupted, so the flag is
+    checked again once the lock is taken.
     """
+    if abandoned is not None and abandoned.is_set():
+        raise Abandoned
     single = one_statement(writes, expected)
     if single is not None:
         try:
@@ -237,11 +244,17 @@ def write_batch(con: sqlite3.Connection, writes: list[Write], expected: int) -> 
                 con.executemany(write.sql, write.params)
             else:
                 con.execute(write.sql, write.params)
+        if abandoned is not None and abandoned.is_set():
+            raise Abandoned
         con.execute("COMMIT")
     except BaseException:
         if con.in_transaction:  # SQLite rolled back by itself on some errors (a full disk, an interrupt)
             con.execute("ROLLBACK")
         raise
+
+
+class Abandoned(Exception):
+    """A write whose caller gave up on it (``commit_batch`` cancelled): rolled back, nothing written."""
 
 
 def _checkpoint_of(con: sqlite3.Connection) -> int:
@@ -259,17 +272,20 @@ async def commit_batch(db: aiosqlite.Connection, folded: Folded, expected: int, 
 
     A caller cancelled meanwhile does not stop the write: it waits (at most
     ``stop_wait`` seconds, e.g. for a lock another connection holds) until it
-    landed or failed, then interrupts it (it rolls back whole) and waits for
-    that, so the connection is free when the cancellation goes on.
+    landed or failed, then abandons it (it rolls back whole: nothing of it
+    lands, even when the lock comes later) and waits for that a while more.
     """
+    abandoned = threading.Event()
     try:
-        await db._execute(write_batch, db._conn, folded.writes, expected)  # one call: no GIL hop between statements
+        # One call in aiosqlite's thread (its only way to run a function there): no GIL hop between statements.
+        await db._execute(write_batch, db._conn, folded.writes, expected, abandoned)
     except anyio.get_cancelled_exc_class():
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(stop_wait) as waited:
                 await db._execute(_nothing)  # queued behind the write: returns once it is over
             if waited.cancelled_caught:
-                await db.interrupt()
+                abandoned.set()
+                await db.interrupt()  # a statement running stops and rolls back; one waiting for a lock sees the flag
                 with anyio.move_on_after(stop_wait):
                     await db._execute(_nothing)
         raise

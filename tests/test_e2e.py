@@ -81,7 +81,7 @@ def cluster(cli_env: dict[str, str], tmp_path: Path, js: object) -> Iterator[Clu
     for proc in c.children:
         if proc.poll() is None:
             proc.kill()
-        proc.communicate(timeout=10)
+        proc.communicate(timeout=60)
     up.stop()
 
 
@@ -205,7 +205,7 @@ class TestSweeps:
         pids = [self_child_pid(cluster, f"c{i}") for i in range(3)]
         cancelled = time.monotonic()
         assert "cancelled" == cluster.json("sweep", "cancel", "s3", "--reason", "bad idea")["state"]
-        wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=10, what="children dead")
+        wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=60, what="children dead")
         took = time.monotonic() - cancelled
         assert [137] * 3 == [p.wait(30) for p in procs]
         cancel_id = events_of(cluster, "sweep", "s3", "sweep.cancelled")[0]["id"]

@@ -104,7 +104,7 @@ class TestProjection:
         task = asyncio.create_task(projector.run(task_status=status))  # type: ignore[arg-type]
         try:
             await status.wait()
-            assert await projector.notifier.wait_for(2, 10)
+            assert await projector.notifier.wait_for(2, 60)
             locker = sqlite3.connect(db_path, isolation_level=None)
             locker.execute("BEGIN IMMEDIATE")
             try:
@@ -114,7 +114,7 @@ class TestProjection:
             finally:
                 locker.rollback()
                 locker.close()
-            assert await projector.notifier.wait_for(4, 10)
+            assert await projector.notifier.wait_for(4, 60)
         finally:
             await stop_task(task)
         assert 4 == await project(js, tmp_path / "reference.db")

@@ -80,7 +80,7 @@ class TestPages:
         seq = await publisher.publish(heartbeat("r2", t=2, step=10, progress=0.5))
         async with serve(js, db_path) as served, opened(browser, served.url) as watched:
             page = watched.page
-            await served.state.notifier.wait_for(seq, 10)
+            await served.state.notifier.wait_for(seq, 60)
             await page.goto(served.url + "/")
             rows = page.locator("table.runs tbody tr")
             await expect(rows).to_have_count(2, timeout=SLOW_MS)
@@ -148,7 +148,7 @@ class TestPages:
         seq = await seed_demo(publisher)
         shots.mkdir(parents=True, exist_ok=True)
         async with serve(js, db_path) as served, opened(browser, served.url) as watched:
-            await served.state.notifier.wait_for(seq, 20)
+            await served.state.notifier.wait_for(seq, 60)
             page = watched.page
             contents = {}
             for name, path, ready in [
@@ -174,7 +174,7 @@ class TestActions:
         seq = await publisher.publish(started("r1", sweep_id="s1"))
         async with serve(js, db_path) as served, opened(browser, served.url) as watched:
             page = watched.page
-            await served.state.notifier.wait_for(seq, 10)
+            await served.state.notifier.wait_for(seq, 60)
             await page.goto(served.url + "/web/sweeps/s1")
             await page.get_by_role("button", name="Pause").click()
             await expect(page.locator("#flash")).to_have_text("sweep s1: paused", timeout=SLOW_MS)
@@ -208,8 +208,8 @@ class TestActions:
                                                                    publisher: Publisher, db_path: Path) -> None:
         """A cross-site POST is refused, and so is any action on an API beyond loopback without a token."""
         seq = await publisher.publish(sweep(ev.SweepCreated, "s1"))
-        async with serve(js, db_path) as served, httpx.AsyncClient(base_url=served.url, timeout=10) as client:
-            await served.state.notifier.wait_for(seq, 10)
+        async with serve(js, db_path) as served, httpx.AsyncClient(base_url=served.url, timeout=60) as client:
+            await served.state.notifier.wait_for(seq, 60)
             for headers in ({"Sec-Fetch-Site": "cross-site"}, {"Origin": "http://evil.example"}):
                 resp = await client.post("/web/sweeps/s1/pause", headers=headers)
                 assert 403 == resp.status_code and "cross-site" in resp.json()["error"]
@@ -255,8 +255,8 @@ class TestToken:
         """With a token, reads answer 401 JSON without it and 200 with it; /health and /metrics stay open."""
         seq = await publisher.publish(started("r1"))
         async with serve(js, db_path, token="s3cret") as served, \
-                httpx.AsyncClient(base_url=served.url, timeout=10) as client:
-            await served.state.notifier.wait_for(seq, 10)
+                httpx.AsyncClient(base_url=served.url, timeout=60) as client:
+            await served.state.notifier.wait_for(seq, 60)
             for path in ("/runs", "/runs/r1", "/sweeps", "/schema", "/web/events", "/web/runs/r1"):
                 resp = await client.get(path)
                 assert 401 == resp.status_code, path
@@ -274,7 +274,7 @@ class TestToken:
         the pages (kept in an HttpOnly cookie)."""
         seq = await publisher.publish(started("r1"))
         async with serve(js, db_path, token="s3cret") as served, opened(browser, served.url) as watched:
-            await served.state.notifier.wait_for(seq, 10)
+            await served.state.notifier.wait_for(seq, 60)
             page = watched.page
             await page.goto(served.url + "/web/runs/r1")
             await page.fill("#token", "nope")
