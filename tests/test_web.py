@@ -25,10 +25,11 @@ from tests.jobs import Up, ledger, run_events, types
 from tests.serving import CHROMIUM, CHROMIUM_ARGS, seed_demo, serve
 
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
-LIVE_MS = 2000
-"""A change appended to the stream shows on an open page within this long."""
-SLOW_MS = 20_000
-"""Anything else a page does: generous, CI is slow and busy."""
+SLOW_MS = 60_000
+"""Anything a page does: generous, CI is slow and busy (a deadline bounds a wait, it measures nothing)."""
+LIVE_MS = SLOW_MS
+"""A change appended to the stream shows on an open page, without a reload, within this long. How fast it
+shows is a figure for bench/web.py, not a deadline here: on a busy machine 2 s was not enough."""
 
 
 @pytest.fixture(scope="session")
