@@ -2,7 +2,15 @@
 in one transaction together with the checkpoint.
 
 A crash at any point leaves either the whole batch and its checkpoint, or
-neither: nothing is lost and nothing is applied twice.
+neither: nothing is lost and nothing is applied twice. ``write_batch`` is
+the one way a folded batch and its checkpoint reach SQLite: the projector
+(``commit_batch``, in aiosqlite's thread), ``apply_batch`` and the rebuild
+(``projections.rebuild``, on its own connection) all write through it.
+
+Errors are told apart by SQLite's result code (``sqlite_code``), never by
+their message: SQLITE_BUSY/LOCKED is another writer (wait and try again),
+SQLITE_FULL/IOERR a disk that cannot take the write (back off), anything
+else a failure no retry mends.
 """
 
 from __future__ import annotations
