@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -171,6 +172,34 @@ def leftover_children() -> list[tuple[int, str]]:
     return sorted((pid, cmd) for pid, (_, cmd) in procs.items()
                   if pid != os.getpid() and any(name in cmd for name in _LEFTOVER_NAMES)
                   and (pid in ours or any(root in cmd for root in roots)))
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes started by ``pid``, at any depth, still running."""
+    procs = _processes()
+    found: list[int] = []
+    parents = {pid}
+    while parents:
+        children = [p for p, (ppid, _) in procs.items() if ppid in parents and p not in found]
+        found += children
+        parents = set(children)
+    return found
+
+
+def kill_tree(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL a child the test started and everything it started (a job's own child holds its pipes open and
+    would outlive the test), then reap it and close its pipes."""
+    for pid in [*descendants(proc.pid), proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:  # ended meanwhile
+            pass
+    try:
+        proc.communicate(timeout=DEADLINE_S)
+    finally:
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream:
+                stream.close()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
