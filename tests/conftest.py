@@ -32,6 +32,13 @@ DEADLINE_S = 60.0
 """How long a fixture waits for a condition (a worker started, a server serving, a worker stopped)."""
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """A suite started with SIGINT ignored (``nohup pytest &`` from a script, some CI runners) would pass that
+    on to every child it starts; the tests that stop a ``ledger`` command with SIGINT (Ctrl-C) need it heard."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @pytest.fixture(scope="session")
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNats]:
     server = EmbeddedNats(tmp_path_factory.mktemp("nats-store"), port=free_port())
