@@ -21,7 +21,6 @@ makes its consumer again from the last message taken in.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sqlite3
 import time
 from collections import Counter
@@ -32,7 +31,8 @@ from typing import TypeVar
 
 import aiosqlite
 import anyio
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 
 from ledger.errors import StreamUnavailable
@@ -42,7 +42,7 @@ from projections.store import (
     CheckpointMoved,
     Decoded,
     Folded,
-    apply_batch,
+    STOP_WAIT_S,
     commit_batch,
     decode_batch,
     file_identity,
@@ -60,8 +60,6 @@ MAX_BACKOFF_S = 5.0
 """Longest wait between two attempts to write to a full disk or to reach the stream again."""
 LOST_GRACE_S = 2.0
 """A reader without a consumer for this long (NATS away) is reported (``/health``, one log line)."""
-STOP_WAIT_S = 10.0
-"""Longest wait, when stopping, for a commit still running (a locked database); then it is abandoned (rolled back)."""
 
 T = TypeVar("T")
 
@@ -119,6 +117,16 @@ class _CannotWrite(Exception):
         self.reason = reason
 
 
+class _Pending:
+    """The batch committing in the background: its cancel scope, and how it ended."""
+
+    def __init__(self) -> None:
+        self.scope = anyio.CancelScope()
+        self.done = anyio.Event()
+        self.error: Exception | None = None
+        """A failure ``_settle`` turns into a restart, a back-off or an error; None when it committed."""
+
+
 def _quiet_log(line: str) -> None:
     return None
 
@@ -150,50 +158,70 @@ class Projector:
         self._db: aiosqlite.Connection | None = None
         self._lookups: aiosqlite.Connection | None = None
         self._reader: PullReader | None = None
-        self._pending: asyncio.Task[None] | None = None  # the background commit
+        self._tg: TaskGroup | None = None  # run()'s task group: the background commit runs there
+        self._pending: _Pending | None = None  # the background commit
         self._cache = ViewCache(0)
 
     async def run(self, *, until_idle: bool = False,
                   task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> int:
-        """Project until cancelled (or, with ``until_idle``, until caught up). Returns the checkpoint."""
+        """Project until cancelled (or, with ``until_idle``, until caught up). Returns the checkpoint.
+
+        The projecting loop and its background commit are tasks of this
+        method's own task group. A failure no one expected ends the group (and
+        the projector) loudly. A cancellation, even a plain ``Task.cancel()``
+        that some library's ``wait_for`` swallows once (Python 3.11 can), ends
+        them: it reaches this method waiting on the group, which cancels its
+        scope, and anyio repeats that at every await until both have ended.
+        The commit then lands or rolls back whole, bounded (``commit_batch``).
+        """
         try:
-            try:
-                await self._start(reset=False)
-            except _CannotWrite as exc:  # a full disk at start: serve what the views hold meanwhile
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                ready = anyio.Event()
+                tg.start_soon(self._project, until_idle, ready)
+                await ready.wait()
                 task_status.started()
-                await self._reopen(reset=False, trouble=exc.reason)
-            else:
-                task_status.started()
-            while True:
-                try:
-                    if until_idle and not self._reader.buffered:  # type: ignore[union-attr]
-                        with anyio.CancelScope(shield=True):
-                            await self._settle()
-                        if await self._caught_up():
-                            return self.checkpoint
-                    batch = await self._reader.next_batch(self.batch_size, self.idle_poll)  # type: ignore[union-attr]
-                    if self._swapped():
-                        raise _Restart
-                    if not batch:
-                        with anyio.CancelScope(shield=True):
-                            await self._settle()  # idle: a failed commit must not wait for the next batch
-                        await self._refresh_stream_seq()
-                        lost = self._reader.lost  # type: ignore[union-attr]
-                        if lost is not None and time.monotonic() - lost > LOST_GRACE_S:
-                            self._trouble(f"cannot read the stream: {self._reader.error or 'its consumer is gone'}")  # type: ignore[union-attr]
-                        elif self.checkpoint >= self.notifier.stream_last_seq:
-                            self._current()  # caught up: nothing to write, nothing stuck
-                        continue
-                    decoded = decode_batch(batch)
-                    with anyio.CancelScope(shield=True):  # a batch commits whole or not at all
-                        await self._fold_and_commit(batch, decoded)
-                except _Restart:
-                    await self._reopen(reset=True)
-                except _CannotWrite as exc:
-                    await self._reopen(reset=False, trouble=exc.reason)
+            return self.checkpoint
+        except BaseExceptionGroup as group:  # one failure (the usual case) is raised as itself
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0]  # the group stays its context
+            raise
         finally:
+            self._tg = self._pending = None  # the group has ended, and its commit with it
             with anyio.CancelScope(shield=True):
                 await self._stop()
+
+    async def _project(self, until_idle: bool, ready: anyio.Event) -> None:
+        try:
+            await self._start(reset=False)
+        except _CannotWrite as exc:  # a full disk at start: serve what the views hold meanwhile
+            ready.set()
+            await self._reopen(reset=False, trouble=exc.reason)
+        else:
+            ready.set()
+        while True:
+            try:
+                if until_idle and not self._reader.buffered:  # type: ignore[union-attr]
+                    await self._settle()
+                    if await self._caught_up():
+                        return
+                batch = await self._reader.next_batch(self.batch_size, self.idle_poll)  # type: ignore[union-attr]
+                if self._swapped():
+                    raise _Restart
+                if not batch:
+                    await self._settle()  # idle: a failed commit must not wait for the next batch
+                    await self._refresh_stream_seq()
+                    lost = self._reader.lost  # type: ignore[union-attr]
+                    if lost is not None and time.monotonic() - lost > LOST_GRACE_S:
+                        self._trouble(f"cannot read the stream: {self._reader.error or 'its consumer is gone'}")  # type: ignore[union-attr]
+                    elif self.checkpoint >= self.notifier.stream_last_seq:
+                        self._current()  # caught up: nothing to write, nothing stuck
+                    continue
+                await self._fold_and_commit(batch, decode_batch(batch))
+            except _Restart:
+                await self._reopen(reset=True)
+            except _CannotWrite as exc:
+                await self._reopen(reset=False, trouble=exc.reason)
 
     async def _reopen(self, *, reset: bool, trouble: str | None = None) -> None:
         """Close everything and start again from the database's checkpoint. After trouble (a full
@@ -248,19 +276,16 @@ class Projector:
         self.notifier.current_at = time.monotonic()
 
     async def _stop(self) -> None:
-        """Let a background commit finish (whole, or rolled back: its error is moot now) and close all.
+        """End a background commit (it lands whole or rolls back: its error is moot now) and close all.
 
-        A commit still waiting for a lock after ``STOP_WAIT_S`` is cancelled: its transaction rolls back.
+        The commit is cancelled; it waits at most ``STOP_WAIT_S`` for its write
+        (a lock another connection holds), then interrupts it (``commit_batch``).
         """
         pending, self._pending = self._pending, None
         if pending is not None:
-            with anyio.move_on_after(STOP_WAIT_S):
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(pending)
-            if not pending.done():
-                pending.cancel()
-                with contextlib.suppress(BaseException):
-                    await pending
+            pending.scope.cancel()
+            with anyio.move_on_after(3 * STOP_WAIT_S):  # bounded by commit_batch already; never hang a stop
+                await pending.done.wait()
         reader, self._reader = self._reader, None
         if reader is not None:
             await reader.stop()
@@ -275,8 +300,8 @@ class Projector:
 
     async def _fold_and_commit(self, batch: list[StreamMessage], decoded: Decoded) -> None:
         """Fold a batch onto the previous one's views and start its commit once that one's is done."""
-        db, lookups = self._db, self._lookups
-        assert db is not None and lookups is not None
+        db, lookups, tg = self._db, self._lookups, self._tg
+        assert db is not None and lookups is not None and tg is not None
         good, bad = decoded
         started = time.perf_counter()
         try:
@@ -288,25 +313,29 @@ class Projector:
             if self._swapped():
                 raise _Restart from None  # the file was swapped while writing
             raise
-        self._pending = asyncio.create_task(self._commit(db, folded, batch, decoded, self.checkpoint, started))
+        self._pending = pending = _Pending()
+        tg.start_soon(self._commit, pending, db, folded, batch, self.checkpoint, started)
 
-    async def _commit(self, db: aiosqlite.Connection, folded: Folded, batch: list[StreamMessage], decoded: Decoded,
+    async def _commit(self, pending: _Pending, db: aiosqlite.Connection, folded: Folded, batch: list[StreamMessage],
                       expected: int, started: float) -> None:
         """Commit a folded batch, then publish its progress: metrics, the checkpoint, waiters on ``min_seq``.
 
         A commit that found the database locked past SQLite's busy timeout
-        (another writer) is applied again, alone and with backoff, until the
-        lock is gone: it folds to the same state, so the batch folded after
-        it stays right (and that one's commit checks the checkpoint anyway).
+        (another writer) is tried again with backoff until the lock is gone
+        or the projector stops: it wrote nothing, and the checkpoint it checks
+        is still the one the batch was folded on. The errors ``_settle``
+        knows what to do with (a moved checkpoint, SQLite's) are left to it;
+        any other ends the projector's task group.
         """
-        try:
-            await commit_batch(db, folded, expected)
-            outcomes = folded.outcomes
-        except aiosqlite.OperationalError as exc:
-            if not is_busy(exc) or self._swapped():
-                raise
-            outcomes = await _retry_busy(partial(apply_batch, db, batch, decoded))
-        await self._committed(outcomes, batch, started)
+        with pending.scope:
+            try:
+                await _retry_busy(partial(commit_batch, db, folded, expected), self._swapped)
+            except (CheckpointMoved, aiosqlite.Error) as exc:
+                pending.error = exc
+            else:
+                await self._committed(folded.outcomes, batch, started)
+            finally:
+                pending.done.set()
 
     async def _committed(self, outcomes: Counter[str], batch: list[StreamMessage], started: float) -> None:
         self.checkpoint = max(self.checkpoint, batch[-1].seq)
@@ -322,23 +351,23 @@ class Projector:
     async def _settle(self) -> None:
         """Wait for the batch committing in the background: a moved checkpoint or a swapped file
         restarts the projector; any other failure is raised."""
-        pending, self._pending = self._pending, None
+        pending = self._pending
         if pending is None:
             return
-        try:
-            await pending
-        except CheckpointMoved:
-            raise _Restart from None
-        except aiosqlite.Error as exc:
-            if self._swapped():
-                raise _Restart from None
-            _raise_if_cannot_write(exc)
-            raise
+        await pending.done.wait()
+        self._pending = None
+        exc = pending.error
+        if exc is None:
+            return
+        if isinstance(exc, CheckpointMoved) or self._swapped():
+            raise _Restart from exc
+        _raise_if_cannot_write(exc)
+        raise exc
 
     async def _refresh_stream_seq(self) -> None:
         try:
             self.notifier.stream_last_seq = await stream_last_seq(self.js)
-        except Exception:  # a reconnecting server: the next poll tries again
+        except (NatsError, TimeoutError, OSError):  # a reconnecting server: the next poll tries again
             return
         self._export_lag()
 
@@ -361,14 +390,15 @@ def _raise_if_cannot_write(exc: BaseException) -> None:
         raise _CannotWrite(f"disk error: the views cannot be written ({getattr(exc, 'sqlite_errorname', code)})") from exc
 
 
-async def _retry_busy(attempt: Callable[[], Awaitable[T]]) -> T:
-    """``attempt()`` until it does not fail with SQLITE_BUSY (another writer), backing off."""
+async def _retry_busy(attempt: Callable[[], Awaitable[T]], swapped: Callable[[], bool]) -> T:
+    """``attempt()`` until it does not fail with SQLITE_BUSY (another writer holds the lock), backing off;
+    a database swapped meanwhile is not tried again (the projector restarts on the new one)."""
     delay = 0.05
     while True:
         try:
             return await attempt()
         except aiosqlite.OperationalError as exc:
-            if not is_busy(exc):
+            if not is_busy(exc) or swapped():
                 raise
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+        await anyio.sleep(delay)
+        delay = min(delay * 2, 2.0)

@@ -2,7 +2,7 @@
 
 ``rebuild`` folds the stream (up to a sequence) into a new SQLite file with
 the very code the projector uses (``decode_batch``, ``Views``,
-``batch_writes``), so a rebuilt database equals the live one row for row. It
+``write_batch``), so a rebuilt database equals the live one row for row. It
 is tuned for a private file nobody reads yet: no journal, no fsync until the
 end, secondary indexes built last, and the runs and sweeps a batch touches
 kept in a bounded cache (memory stays flat in the number of events).
@@ -38,8 +38,8 @@ from nats.js import JetStreamContext
 
 from ledger.errors import LedgerError
 from ledger.nats.stream import StreamMessage, last_seq_on, read_range
-from projections.schema import SCHEMA
-from projections.store import decode_batch, fold
+from projections.schema import BATCH_WRITER, SCHEMA
+from projections.store import decode_batch, fold, write_batch
 from projections.views import BatchKeys, ViewCache
 
 VIEWS: Final = "views.db"
@@ -79,22 +79,22 @@ class _Builder:
                        "locking_mode=EXCLUSIVE"):
             self.con.execute(f"PRAGMA {pragma}")
         self.con.executescript(SCHEMA)
+        self.con.executescript(BATCH_WRITER)
         for index in _INDEXES:  # built once at the end: cheaper than kept up to date row by row
             self.con.execute(f"DROP INDEX IF EXISTS {index}")
         self.cache = ViewCache(cache_size)
+        self.last_seq = 0
 
     def apply(self, msgs: list[StreamMessage]) -> Counter[str]:
-        """Fold one batch and write it with its checkpoint, as ``store.apply_batch`` does."""
+        """Fold one batch and write it with its checkpoint, through the projector's own ``write_batch``."""
         good, bad = decode_batch(msgs)
         keys = BatchKeys.of(good)
         lookups = self.cache.missing(keys).lookups()
         views = self.cache.views(keys, {sql: self.con.execute(sql, params).fetchall() for sql, params in lookups})
         folded = fold(views, good, bad, msgs[-1].seq)
         self.cache.folded(views)
-        self.con.execute("BEGIN")
-        for write in folded.writes:
-            (self.con.executemany if write.many else self.con.execute)(write.sql, write.params)
-        self.con.execute("COMMIT")
+        write_batch(self.con, folded.writes, self.last_seq)
+        self.last_seq = msgs[-1].seq
         return folded.outcomes
 
     def finish(self) -> None:

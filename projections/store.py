@@ -2,7 +2,15 @@
 in one transaction together with the checkpoint.
 
 A crash at any point leaves either the whole batch and its checkpoint, or
-neither: nothing is lost and nothing is applied twice.
+neither: nothing is lost and nothing is applied twice. ``write_batch`` is
+the one way a folded batch and its checkpoint reach SQLite: the projector
+(``commit_batch``, in aiosqlite's thread), ``apply_batch`` and the rebuild
+(``projections.rebuild``, on its own connection) all write through it.
+
+Errors are told apart by SQLite's result code (``sqlite_code``), never by
+their message: SQLITE_BUSY/LOCKED is another writer (wait and try again),
+SQLITE_FULL/IOERR a disk that cannot take the write (back off), anything
+else a failure no retry mends.
 """
 
 from __future__ import annotations
@@ -10,11 +18,13 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any, Final, NamedTuple, TypeAlias, TypeVar
 
 import aiosqlite
+import anyio
 
 from ledger.core.events import decode_event
 from ledger.core.fold import Recorded, Views
@@ -42,6 +52,8 @@ INSERT_QUARANTINE: Final = (
 SET_CHECKPOINT: Final = "UPDATE checkpoint SET last_seq = ? WHERE id = 1"
 
 V = TypeVar("V")
+STOP_WAIT_S: Final = 10.0
+"""Longest wait, once a commit's caller is cancelled, for its write (waiting for a lock); then it is interrupted."""
 
 
 def sqlite_code(exc: BaseException) -> int | None:
@@ -200,46 +212,90 @@ def fold(views: Views, good: list[Recorded], bad: list[tuple], last_seq: int) ->
     return Folded(batch_writes(views, bad, last_seq), outcomes)
 
 
-async def _rollback(db: aiosqlite.Connection) -> None:
-    """Roll back, unless SQLite already did (it does by itself on some errors, e.g. a full disk)."""
-    if db.in_transaction:
-        await db.execute("ROLLBACK")
+def write_batch(con: sqlite3.Connection, writes: list[Write], expected: int,
+                abandoned: threading.Event | None = None) -> None:
+    """THE way a folded batch and its checkpoint reach SQLite: the projector's commits, ``apply_batch``
+    and the rebuild all come here (the projector and ``apply_batch`` through ``commit_batch``).
 
+    Writes everything in one transaction if the checkpoint is still
+    ``expected``, else raises CheckpointMoved writing nothing (another writer
+    moved it). Any failure leaves nothing of the batch. Two encodings of the
+    same writes: usually ONE statement (``WRITE_BATCH`` through the
+    connection's TEMP trigger view, atomic on its own); BEGIN IMMEDIATE ...
+    COMMIT, statement by statement, when some rows must be bound one by one
+    (quarantined bytes, a history reason holding a NUL).
 
-async def _write(db: aiosqlite.Connection, writes: list[Write]) -> None:
-    for write in writes:
-        if write.many:
-            await db.executemany(write.sql, write.params)
-        else:
-            await db.execute(write.sql, write.params)
-    await db.execute("COMMIT")
-
-
-async def commit_batch(db: aiosqlite.Connection, folded: Folded, expected: int) -> None:
-    """Write a folded batch with its checkpoint in one transaction, if the checkpoint is still ``expected``.
-
-    Raises CheckpointMoved (writing nothing) when another writer moved it.
-    Any failure rolls the whole batch back: nothing of it stays. Usually one
-    statement (``WRITE_BATCH``); a transaction of several when rows must be
-    bound one by one.
+    Synchronous and whole: run in the connection's own thread (``commit_batch``)
+    it is one call, so a cancelled caller cannot stop it half way. Once
+    ``abandoned`` is set (and the connection interrupted) it writes nothing
+    more: SQLite's busy wait for a lock cannot be interrupted, so the flag is
+    checked again once the lock is taken.
     """
-    single = one_statement(folded.writes, expected)
+    if abandoned is not None and abandoned.is_set():
+        raise Abandoned
+    single = one_statement(writes, expected)
     if single is not None:
         try:
-            await db.execute(single.sql, single.params)
-        except aiosqlite.IntegrityError as exc:
-            if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_CONSTRAINT_TRIGGER:  # the one RAISE: checkpoint moved
-                raise CheckpointMoved(expected, await read_checkpoint(db)) from None
+            con.execute(single.sql, single.params)
+        except sqlite3.IntegrityError as exc:
+            if exc.sqlite_errorcode == sqlite3.SQLITE_CONSTRAINT_TRIGGER:  # the one RAISE: checkpoint moved
+                raise CheckpointMoved(expected, _checkpoint_of(con)) from None
             raise
         return
-    await db.execute("BEGIN IMMEDIATE")
+    con.execute("BEGIN IMMEDIATE")
     try:
-        found = await read_checkpoint(db)
+        found = _checkpoint_of(con)
         if found != expected:
             raise CheckpointMoved(expected, found)
-        await _write(db, folded.writes)
+        for write in writes:
+            if write.many:
+                con.executemany(write.sql, write.params)
+            else:
+                con.execute(write.sql, write.params)
+        if abandoned is not None and abandoned.is_set():
+            raise Abandoned
+        con.execute("COMMIT")
     except BaseException:
-        await _rollback(db)
+        if con.in_transaction:  # SQLite rolled back by itself on some errors (a full disk, an interrupt)
+            con.execute("ROLLBACK")
+        raise
+
+
+class Abandoned(Exception):
+    """A write whose caller gave up on it (``commit_batch`` cancelled): rolled back, nothing written."""
+
+
+def _checkpoint_of(con: sqlite3.Connection) -> int:
+    row = con.execute("SELECT last_seq FROM checkpoint WHERE id = 1").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _nothing() -> None:
+    return None
+
+
+async def commit_batch(db: aiosqlite.Connection, folded: Folded, expected: int, *,
+                       stop_wait: float = STOP_WAIT_S) -> None:
+    """``write_batch`` in the connection's thread: the folded batch with its checkpoint, whole or not at all.
+
+    A caller cancelled meanwhile does not stop the write: it waits (at most
+    ``stop_wait`` seconds, e.g. for a lock another connection holds) until it
+    landed or failed, then abandons it (it rolls back whole: nothing of it
+    lands, even when the lock comes later) and waits for that a while more.
+    """
+    abandoned = threading.Event()
+    try:
+        # One call in aiosqlite's thread (its only way to run a function there): no GIL hop between statements.
+        await db._execute(write_batch, db._conn, folded.writes, expected, abandoned)
+    except anyio.get_cancelled_exc_class():
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(stop_wait) as waited:
+                await db._execute(_nothing)  # queued behind the write: returns once it is over
+            if waited.cancelled_caught:
+                abandoned.set()
+                await db.interrupt()  # a statement running stops and rolls back; one waiting for a lock sees the flag
+                with anyio.move_on_after(stop_wait):
+                    await db._execute(_nothing)
         raise
 
 
@@ -249,24 +305,22 @@ async def apply_batch(db: aiosqlite.Connection, msgs: list[StreamMessage],
 
     Messages at or below the checkpoint are skipped (a re-delivery after a
     reconnect). Returns how many messages had each outcome. ``decoded`` is
-    ``decode_batch(msgs)`` when the caller decoded them already.
+    ``decode_batch(msgs)`` when the caller decoded them already. Another
+    writer moving the checkpoint meanwhile makes it read and fold again.
     """
     if not msgs:
         return Counter()
     good, bad = decoded or decode_batch(msgs)
-    await db.execute("BEGIN IMMEDIATE")
-    try:
+    while True:
         checkpoint = await read_checkpoint(db)
-        if checkpoint >= msgs[0].seq:  # part of the batch was applied already
-            msgs = [m for m in msgs if m.seq > checkpoint]
-            if not msgs:
-                await db.execute("ROLLBACK")
-                return Counter()
-            good = [rec for rec in good if rec.seq > checkpoint]
-            bad = [row for row in bad if row[0] > checkpoint]
-        folded = fold(await read_views(db, BatchKeys.of(good)), good, bad, msgs[-1].seq)
-        await _write(db, folded.writes)
-    except BaseException:
-        await _rollback(db)
-        raise
-    return folded.outcomes
+        if checkpoint >= msgs[-1].seq:  # applied already
+            return Counter()
+        fresh = [m for m in msgs if m.seq > checkpoint]
+        todo = [rec for rec in good if rec.seq > checkpoint]
+        folded = fold(await read_views(db, BatchKeys.of(todo)), todo, [row for row in bad if row[0] > checkpoint],
+                      fresh[-1].seq)
+        try:
+            await commit_batch(db, folded, checkpoint)
+        except CheckpointMoved:
+            continue
+        return folded.outcomes

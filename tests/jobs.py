@@ -51,7 +51,7 @@ def types(events: list[ev.AnyEvent]) -> list[str]:
     return [ev.tag_of(e) for e in events]
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+def wait_until(condition: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -59,7 +59,7 @@ def wait_until(condition: Callable[[], bool], timeout: float = 15.0, what: str =
         time.sleep(0.01)
 
 
-async def async_wait_until(condition: Callable[[], object], timeout: float = 15.0, what: str = "condition") -> None:
+async def async_wait_until(condition: Callable[[], object], timeout: float = 60.0, what: str = "condition") -> None:
     import asyncio
 
     deadline = time.monotonic() + timeout
@@ -97,7 +97,7 @@ class Up:
                                      stderr=subprocess.PIPE, text=True)
         self.info = self._ready()
 
-    def _ready(self, timeout: float = 30) -> dict[str, Any]:
+    def _ready(self, timeout: float = 60) -> dict[str, Any]:
         assert self.proc.stdout is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -111,8 +111,14 @@ class Up:
         raise AssertionError("ledger up did not become ready")
 
     def stop(self, sig: int = signal.SIGINT) -> int:
+        from tests.conftest import kill_tree
+
         self.proc.send_signal(sig)
-        code = self.proc.wait(30)
+        try:
+            code = self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            kill_tree(self.proc)  # its nats-server too: nothing outlives the test
+            raise
         for stream in (self.proc.stdout, self.proc.stderr):
             if stream:
                 stream.close()

@@ -50,13 +50,13 @@ async def serve(js: JetStreamContext, db_path: Path, *, token: str | None = None
         await ready.wait()
     serving = asyncio.create_task(server.serve())
     try:
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(60):
             while not server.started:
                 await asyncio.sleep(0.01)  # uvicorn exposes readiness only as a flag
         yield Served(f"http://127.0.0.1:{port}", state, server)
     finally:
         server.should_exit = True
-        async with asyncio.timeout(30):
+        async with asyncio.timeout(60):
             await serving
         if projector is not None:
             await stop_task(projector)

@@ -305,7 +305,7 @@ class TestCli:
         finally:
             if proc.poll() is None:
                 proc.kill()
-                proc.communicate(timeout=10)
+                proc.communicate(timeout=60)
         assert 0 == proc.returncode, out
         wait_until(lambda: ledger("sweeps", "show", "s1", "--json", env=env).returncode == 0
                    and cli_json(env, "sweeps", "show", "s1")["runs"]["finished"] == 1, 30, "s1 with r1 finished")

@@ -25,6 +25,7 @@ from ledger.nats.publisher import Publisher
 from ledger.nats.server import free_port
 from projections.projector import Projector
 from projections.timeline import run_timeline
+from tests.conftest import kill_tree
 from tests.factory import (
     at,
     dump_views,
@@ -190,7 +191,7 @@ class TestEventsCommands:
                                 env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             assert proc.stdout is not None
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 60
             seq = 0
             line = ""
             while time.monotonic() < deadline and not line:
@@ -202,10 +203,10 @@ class TestEventsCommands:
             record = json.loads(line)
             assert record["subject"] == "ledger.run.r1.heartbeat" and record["seq"] <= seq
             proc.send_signal(signal.SIGINT)
-            assert 0 == proc.wait(30)
+            assert 0 == proc.wait(60)
         finally:
             if proc.poll() is None:
-                proc.kill()
+                kill_tree(proc)
             for stream in (proc.stdout, proc.stderr):
                 if stream:
                     stream.close()

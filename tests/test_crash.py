@@ -73,7 +73,7 @@ class TestSigkill:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 kills += 1
-            proc.wait(30)
+            proc.wait(60)
             if proc.stderr:
                 proc.stderr.close()
         assert kills >= 3, "the projector finished before it could be killed; the test proves nothing"

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from ledger.nats.server import free_port
+from tests.conftest import DEADLINE_S, kill_tree
 from tests.jobs import Up, ledger, ledger_run, wait_until
 
 TIMEOUT_S = 1.5
@@ -63,7 +64,7 @@ class Cluster:
     def state(self, run_id: str) -> dict[str, Any]:
         return self.json("runs", "show", run_id)  # type: ignore[no-any-return]
 
-    def wait_state(self, run_id: str, state: str, timeout: float = 20) -> dict[str, Any]:
+    def wait_state(self, run_id: str, state: str, timeout: float = 60) -> dict[str, Any]:
         wait_until(lambda: self.cli("runs", "show", run_id, "--json").returncode == 0
                    and self.state(run_id)["state"] == state, timeout, f"run {run_id} {state}")
         return self.state(run_id)
@@ -77,12 +78,15 @@ def cluster(cli_env: dict[str, str], tmp_path: Path, js: object) -> Iterator[Clu
            "PYTHONUNBUFFERED": "1"}
     up = Up([], env)
     c = Cluster(env, up, tmp_path)
-    yield c
-    for proc in c.children:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=10)
-    up.stop()
+    try:
+        yield c
+    finally:
+        for proc in c.children:
+            if proc.poll() is None:
+                kill_tree(proc)  # its own child too: it holds the pipes open and would outlive the test
+            else:
+                proc.communicate(timeout=DEADLINE_S)
+        up.stop()
 
 
 def pid_alive(pid: int) -> bool:
@@ -102,7 +106,7 @@ class TestExits:
         """A process exiting 0 ends finished, one exiting 1 ends failed; the wrapper passes the code on."""
         ok = cluster.run("--run-id", "ok", "--", "true")
         bad = cluster.run("--run-id", "bad", "--", "sh", "-c", "exit 1")
-        ok_out, bad_out = ok.communicate(timeout=30), bad.communicate(timeout=30)
+        ok_out, bad_out = ok.communicate(timeout=60), bad.communicate(timeout=60)
         assert (0, 1) == (ok.returncode, bad.returncode), (ok_out, bad_out)
         assert (0, None) == (cluster.wait_state("ok", "finished")["exit_code"], cluster.state("ok")["signal"])
         assert 1 == cluster.wait_state("bad", "failed")["exit_code"]
@@ -150,7 +154,7 @@ class TestPreemption:
         proc = cluster.run("--run-id", "p1", "--sweep", "s1", "--", sys.executable, str(script), str(ready))
         wait_until(ready.exists, what="training ready")
         proc.send_signal(signal.SIGTERM)
-        assert 143 == proc.wait(30)
+        assert 143 == proc.wait(60)
         run = cluster.wait_state("p1", "preempted")
         assert (1, True, 143) == (run["attempt"], run["preempting"], run["exit_code"])
         assert ["p1"] == cluster.json("sweeps", "show", "s1")["queue"]
@@ -166,7 +170,7 @@ class TestPreemption:
         run = cluster.wait_state("p1", "running")
         assert (2, False) == (run["attempt"], run["preempting"])
         resumed.send_signal(signal.SIGINT)
-        resumed.wait(30)
+        resumed.wait(60)
 
 
 class TestSweeps:
@@ -178,14 +182,14 @@ class TestSweeps:
         wait_until(ready.exists, what="child ready")
         assert "paused" == cluster.json("sweep", "pause", "s2", "--reason", "quota")["state"]
         refused = ledger_run(["--run-id", "a2", "--sweep", "s2", "--", "true"], cluster.env)
-        _, err = refused.communicate(timeout=30)
+        _, err = refused.communicate(timeout=60)
         assert 1 == refused.returncode and "paused" in err
         assert proc.poll() is None
         assert "running" == cluster.wait_state("a1", "running")["state"]
         assert 1 == cluster.cli("runs", "show", "a2").returncode  # nothing appended for a2
         assert "running" == cluster.json("sweep", "resume", "s2")["state"]
         proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        proc.wait(60)
         refused_twice = cluster.cli("sweep", "cancel", "s2")
         assert 0 == refused_twice.returncode
         nonsense = cluster.cli("sweep", "pause", "s2")
@@ -205,9 +209,9 @@ class TestSweeps:
         pids = [self_child_pid(cluster, f"c{i}") for i in range(3)]
         cancelled = time.monotonic()
         assert "cancelled" == cluster.json("sweep", "cancel", "s3", "--reason", "bad idea")["state"]
-        wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=10, what="children dead")
+        wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=60, what="children dead")
         took = time.monotonic() - cancelled
-        assert [137] * 3 == [p.wait(30) for p in procs]
+        assert [137] * 3 == [p.wait(60) for p in procs]
         cancel_id = events_of(cluster, "sweep", "s3", "sweep.cancelled")[0]["id"]
         for i in range(3):
             history = cluster.json("runs", "history", f"c{i}")["history"]
@@ -241,7 +245,7 @@ class TestTwoMonitors:
         cluster.wait_state("lost2", "crashed", timeout=TIMEOUT_S + 15)
         for run_id in ("k1", "k2"):
             cluster.wait_state(run_id, "killed")
-        assert [137, 137] == [v.wait(30) for v in victims]
+        assert [137, 137] == [v.wait(60) for v in victims]
         os.killpg(orphan, signal.SIGKILL)
         assert 1 == len(events_of(cluster, "run", "lost2", "run.crashed"))
         assert [1, 1] == [len(events_of(cluster, "run", r, "run.killed")) for r in ("k1", "k2")]

@@ -38,7 +38,7 @@ def up_env(cli_env: dict[str, str], tmp_path: Path, js: object) -> Iterator[dict
             running.stop()
 
 
-def read_line(proc: subprocess.Popen[str], timeout: float = 30) -> str:
+def read_line(proc: subprocess.Popen[str], timeout: float = 60) -> str:
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -55,7 +55,7 @@ class TestReadVerbs:
         sorts newest first and filters by --since; quarantine lists what was kept aside."""
         for line in (event("old", 600), event("mid", 30), event("new", 5), event("new", 4, "run.exited", exit_code=1)):
             assert 0 == ledger("emit", line, env=up_env).returncode
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while True:
             listed = json.loads(ledger("runs", "list", "--sort", "started", "--json", env=up_env).stdout)
             if [r["state"] for r in listed["runs"]][:1] == ["failed"] or time.monotonic() > deadline:
@@ -86,7 +86,7 @@ class TestReadVerbs:
             assert update["seq"] > first["seq"]
         finally:
             proc.terminate()
-            proc.wait(30)
+            proc.wait(60)
             for stream in (proc.stdout, proc.stderr):
                 if stream:
                     stream.close()

@@ -576,7 +576,7 @@ def read_only_server(tmp_path: Path) -> Iterator[str]:
         yield f"127.0.0.1:{port}"
     finally:
         proc.terminate()
-        proc.wait(30)
+        proc.wait(60)
 
 
 class TestReadRole:

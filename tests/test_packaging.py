@@ -173,7 +173,7 @@ class TestInstalledCommand:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)  # the embedded nats-server, if ledger up left it
             if proc.poll() is None:
-                proc.communicate(timeout=30)
+                proc.communicate(timeout=60)
 
     async def test_run_true_records_its_lifecycle(self, installed: Installed, nats_url: str, js: JetStreamContext,
                                                   tmp_path: Path) -> None:

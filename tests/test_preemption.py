@@ -49,7 +49,7 @@ class TestPreemptionPattern:
         proc = ledger_run(["--run-id", "p1", "--sweep", "s1", "--", sys.executable, str(script), str(ready)], env)
         wait_until(ready.exists, what="training script ready")
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
+        out, err = proc.communicate(timeout=60)
         assert 143 == proc.returncode, err
         kinds = types(await run_events(js, "p1"))
         lifecycle = [k for k in kinds if k != "run.heartbeat"]
@@ -68,7 +68,7 @@ class TestPreemptionPattern:
             await db.close()
 
         resumed = ledger_run(["--run-id", "p1", "--sweep", "s1", "--resume", "must", "--", "true"], env)
-        _, err = resumed.communicate(timeout=30)
+        _, err = resumed.communicate(timeout=60)
         assert 0 == resumed.returncode, err
         started = [e for e in await run_events(js, "p1") if isinstance(e, ev.RunStarted)]
         assert [1, 2] == [e.attempt for e in started]

@@ -6,12 +6,15 @@ import asyncio
 import sqlite3
 from pathlib import Path
 
+import anyio
+import anyio.lowlevel
 import pytest
 from nats.js import JetStreamContext
 
 from ledger.core import events as ev
 from ledger.nats.publisher import Publisher
 from projections.projector import Projector
+from projections.store import STOP_WAIT_S
 from tests.conftest import Started, stop_task
 from tests.factory import (
     dump_views,
@@ -101,7 +104,7 @@ class TestProjection:
         task = asyncio.create_task(projector.run(task_status=status))  # type: ignore[arg-type]
         try:
             await status.wait()
-            assert await projector.notifier.wait_for(2, 10)
+            assert await projector.notifier.wait_for(2, 60)
             locker = sqlite3.connect(db_path, isolation_level=None)
             locker.execute("BEGIN IMMEDIATE")
             try:
@@ -111,12 +114,89 @@ class TestProjection:
             finally:
                 locker.rollback()
                 locker.close()
-            assert await projector.notifier.wait_for(4, 10)
+            assert await projector.notifier.wait_for(4, 60)
         finally:
             await stop_task(task)
         assert 4 == await project(js, tmp_path / "reference.db")
         assert dump_views(tmp_path / "reference.db") == dump_views(db_path)
         assert ("finished", 2) == (run_row(db_path, "r1")["state"], run_row(db_path, "r1")["step"])  # type: ignore[index]
+
+    async def test_a_stop_while_the_views_are_locked_is_bounded(self, js: JetStreamContext, publisher: Publisher,
+                                                                tmp_path: Path) -> None:
+        """Stopping a projector whose commit waits for a lock another connection never lets go ends it within
+        STOP_WAIT_S (the commit rolls back whole), and a later projector applies the batch exactly once."""
+        db_path = tmp_path / "v.db"
+        await publisher.publish(started("r1"))
+        projector = Projector(js, db_path, idle_poll=0.2)
+        locker: sqlite3.Connection | None = None
+        try:
+            async with anyio.create_task_group() as tg:  # as `ledger up` runs it: a cancel scope, not Task.cancel
+                await tg.start(projector.run)
+                assert await projector.notifier.wait_for(1, 30)
+                locker = sqlite3.connect(db_path, isolation_level=None)
+                locker.execute("BEGIN IMMEDIATE")
+                for event in [heartbeat("r1", t=2, step=2), exited("r1", 0, t=3)]:
+                    await publisher.publish(event)
+                assert not await projector.notifier.wait_for(3, 6.0)  # the commit is retrying behind the lock
+                with anyio.fail_after(STOP_WAIT_S + 30):  # before: retried under a shield, forever
+                    tg.cancel_scope.cancel()
+                    await anyio.lowlevel.checkpoint()
+            assert 1 == sqlite3.connect(f"file:{db_path}?mode=ro", uri=True).execute(
+                "SELECT last_seq FROM checkpoint").fetchone()[0]
+        finally:
+            if locker is not None:
+                locker.rollback()
+                locker.close()
+        assert 3 == await project(js, db_path)
+        assert 3 == await project(js, tmp_path / "reference.db")
+        assert dump_views(tmp_path / "reference.db") == dump_views(db_path)
+
+    async def test_a_failed_commit_ends_the_projector_loudly(self, js: JetStreamContext, publisher: Publisher,
+                                                             db_path: Path) -> None:
+        """A commit that fails for good (a table gone from under the views) ends the projector with that
+        error, not a retry loop or a silent stall, and leaves the checkpoint where it was."""
+        await publisher.publish(started("r1"))
+        projector = Projector(js, db_path, idle_poll=0.2)
+        status = Started()
+        task = asyncio.create_task(projector.run(task_status=status))  # type: ignore[arg-type]
+        try:
+            await status.wait()
+            assert await projector.notifier.wait_for(1, 30)
+            with sqlite3.connect(db_path, isolation_level=None) as other:
+                other.execute("DROP TABLE history")
+            await publisher.publish(exited("r1", 0))
+            with pytest.raises(sqlite3.OperationalError, match="no such table: history"):
+                async with asyncio.timeout(60):
+                    await task
+        finally:
+            if not task.done():
+                await stop_task(task)
+        with sqlite3.connect(db_path) as db:
+            assert (1,) == db.execute("SELECT last_seq FROM checkpoint").fetchone()
+
+    async def test_a_cancellation_at_any_moment_stops_it(self, js: JetStreamContext, publisher: Publisher,
+                                                         tmp_path: Path) -> None:
+        """A plain Task.cancel() at any moment (reading, folding, committing, polling the stream's last sequence)
+        stops the projector, and what it committed is whole: projecting on gives the reference views.
+
+        nats-py's request (``stream_info``) waits with ``asyncio.wait_for``, which on Python 3.11 loses a
+        cancellation that lands as the reply arrives; the projector used to run on after one (what the
+        ``api`` fixture saw as "did not stop within 30 s"), a quarter of the cancellations here."""
+        db_path = tmp_path / "v.db"
+        t = 0
+        for round_ in range(12):
+            for i in range(40):
+                t += 1
+                await publisher.publish(heartbeat(f"r{i % 7}", t=t, step=t) if round_ else started(f"r{i % 7}", t=t))
+            projector = Projector(js, db_path, idle_poll=0.001, batch_size=7)  # polls the stream often
+            status = Started()
+            task = asyncio.create_task(projector.run(task_status=status))  # type: ignore[arg-type]
+            await status.wait()
+            await asyncio.sleep(0.013 * round_)  # where the cancellation lands (not a synchronisation)
+            await stop_task(task)
+        assert 480 == await project(js, db_path)
+        assert 480 == await project(js, tmp_path / "reference.db")
+        assert dump_views(tmp_path / "reference.db") == dump_views(db_path)
 
 
 class TestDuplicates:

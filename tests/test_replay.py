@@ -252,15 +252,15 @@ async def serving(js: JetStreamContext, data_dir: Path, *, with_projector: bool)
     port = free_port()
     server = api_server(ApiState(db_path, notifier=notifier if with_projector else None, js=js), "127.0.0.1", port)
     task = asyncio.create_task(server.serve())
-    async with asyncio.timeout(10):
+    async with asyncio.timeout(60):
         while not server.started:
             await asyncio.sleep(0.01)  # uvicorn exposes readiness only as a flag
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
             yield client
     finally:
         server.should_exit = True
-        async with asyncio.timeout(30):
+        async with asyncio.timeout(60):
             await task
         if projector is not None:
             from tests.conftest import stop_task

@@ -123,7 +123,7 @@ class TestWrapperWithoutNats:
         spool = tmp_path / "spool.db"
         await async_wait_until(lambda: _spool_at_least(spool, 2), what="heartbeats spooled during the outage")
         release.touch()
-        out, err = proc.communicate(timeout=30)
+        out, err = proc.communicate(timeout=60)
         assert 0 == proc.returncode, err
         assert "ledger sync" in err
         left = await spooled(spool)
@@ -144,7 +144,7 @@ class TestWrapperWithoutNats:
         """With no NATS at all the job runs, exits with its own code, and its events stay spooled."""
         env = job_env(f"nats://127.0.0.1:{free_port()}", tmp_path)
         proc = ledger_run(["--run-id", "n1", "--drain", "0.2", "--", "sh", "-c", "exit 4"], env)
-        _, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=60)
         assert 4 == proc.returncode
         assert "NATS unreachable" in err
         wait_until(lambda: (tmp_path / "spool.db").exists(), what="spool file")

@@ -192,3 +192,38 @@ class TestCheckpointGuard:
             assert not db.in_transaction
         finally:
             await db.close()
+
+
+class TestBoundedCommit:
+    """A commit whose caller is cancelled waits a bounded time for its write, then interrupts it: whole or nothing."""
+
+    @pytest.mark.parametrize("quarantined", [False, True], ids=["one-statement", "bound-rows"])
+    async def test_a_cancelled_commit_behind_a_lock_rolls_back_whole(self, tmp_path: Path, quarantined: bool) -> None:
+        """Cancelled while another connection holds the write lock, a commit gives up after ``stop_wait``
+        (not SQLite's busy timeout, nor forever), writes nothing, and leaves its connection free for the next."""
+        path = tmp_path / "v.db"
+        msgs = as_messages([started("r1"), heartbeat("r1"), exited("r1", 0)])
+        if quarantined:
+            msgs.append(StreamMessage(4, EPOCH, "ledger.run.r1.exited", b"not json", None, 0))
+        db = await open_db(path)
+        await db.execute("PRAGMA busy_timeout=600000")  # SQLite alone would wait ten minutes
+        locker = sqlite3.connect(path, isolation_level=None)
+        try:
+            before = dump_views(path)
+            good, bad = decode_batch(msgs)
+            folded = fold(await read_views(db, BatchKeys.of(good)), good, bad, msgs[-1].seq)
+            locker.execute("BEGIN IMMEDIATE")
+            commit = asyncio.create_task(commit_batch(db, folded, 0, stop_wait=0.5))
+            await asyncio.sleep(0.2)  # lets the write reach SQLite's busy wait; either way the outcome is the same
+            commit.cancel()
+            async with asyncio.timeout(60):  # before the interrupt: the busy timeout's ten minutes
+                with pytest.raises(asyncio.CancelledError):
+                    await commit
+            locker.rollback()
+            assert before == dump_views(path)
+            assert not db.in_transaction
+            await commit_batch(db, folded, 0)  # the connection is free: the same batch lands whole
+            assert len(msgs) == dump_views(path)["checkpoint"][0][1]
+        finally:
+            locker.close()
+            await db.close()

@@ -25,10 +25,11 @@ from tests.jobs import Up, ledger, run_events, types
 from tests.serving import CHROMIUM, CHROMIUM_ARGS, seed_demo, serve
 
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
-LIVE_MS = 2000
-"""A change appended to the stream shows on an open page within this long."""
-SLOW_MS = 20_000
-"""Anything else a page does: generous, CI is slow and busy."""
+SLOW_MS = 60_000
+"""Anything a page does: generous, CI is slow and busy (a deadline bounds a wait, it measures nothing)."""
+LIVE_MS = SLOW_MS
+"""A change appended to the stream shows on an open page, without a reload, within this long. How fast it
+shows is a figure for bench/web.py, not a deadline here: on a busy machine 2 s was not enough."""
 
 
 @pytest.fixture(scope="session")
@@ -80,7 +81,7 @@ class TestPages:
         seq = await publisher.publish(heartbeat("r2", t=2, step=10, progress=0.5))
         async with serve(js, db_path) as served, opened(browser, served.url) as watched:
             page = watched.page
-            await served.state.notifier.wait_for(seq, 10)
+            await served.state.notifier.wait_for(seq, 60)
             await page.goto(served.url + "/")
             rows = page.locator("table.runs tbody tr")
             await expect(rows).to_have_count(2, timeout=SLOW_MS)
@@ -148,7 +149,7 @@ class TestPages:
         seq = await seed_demo(publisher)
         shots.mkdir(parents=True, exist_ok=True)
         async with serve(js, db_path) as served, opened(browser, served.url) as watched:
-            await served.state.notifier.wait_for(seq, 20)
+            await served.state.notifier.wait_for(seq, 60)
             page = watched.page
             contents = {}
             for name, path, ready in [
@@ -174,7 +175,7 @@ class TestActions:
         seq = await publisher.publish(started("r1", sweep_id="s1"))
         async with serve(js, db_path) as served, opened(browser, served.url) as watched:
             page = watched.page
-            await served.state.notifier.wait_for(seq, 10)
+            await served.state.notifier.wait_for(seq, 60)
             await page.goto(served.url + "/web/sweeps/s1")
             await page.get_by_role("button", name="Pause").click()
             await expect(page.locator("#flash")).to_have_text("sweep s1: paused", timeout=SLOW_MS)
@@ -208,8 +209,8 @@ class TestActions:
                                                                    publisher: Publisher, db_path: Path) -> None:
         """A cross-site POST is refused, and so is any action on an API beyond loopback without a token."""
         seq = await publisher.publish(sweep(ev.SweepCreated, "s1"))
-        async with serve(js, db_path) as served, httpx.AsyncClient(base_url=served.url, timeout=10) as client:
-            await served.state.notifier.wait_for(seq, 10)
+        async with serve(js, db_path) as served, httpx.AsyncClient(base_url=served.url, timeout=60) as client:
+            await served.state.notifier.wait_for(seq, 60)
             for headers in ({"Sec-Fetch-Site": "cross-site"}, {"Origin": "http://evil.example"}):
                 resp = await client.post("/web/sweeps/s1/pause", headers=headers)
                 assert 403 == resp.status_code and "cross-site" in resp.json()["error"]
@@ -255,8 +256,8 @@ class TestToken:
         """With a token, reads answer 401 JSON without it and 200 with it; /health and /metrics stay open."""
         seq = await publisher.publish(started("r1"))
         async with serve(js, db_path, token="s3cret") as served, \
-                httpx.AsyncClient(base_url=served.url, timeout=10) as client:
-            await served.state.notifier.wait_for(seq, 10)
+                httpx.AsyncClient(base_url=served.url, timeout=60) as client:
+            await served.state.notifier.wait_for(seq, 60)
             for path in ("/runs", "/runs/r1", "/sweeps", "/schema", "/web/events", "/web/runs/r1"):
                 resp = await client.get(path)
                 assert 401 == resp.status_code, path
@@ -274,7 +275,7 @@ class TestToken:
         the pages (kept in an HttpOnly cookie)."""
         seq = await publisher.publish(started("r1"))
         async with serve(js, db_path, token="s3cret") as served, opened(browser, served.url) as watched:
-            await served.state.notifier.wait_for(seq, 10)
+            await served.state.notifier.wait_for(seq, 60)
             page = watched.page
             await page.goto(served.url + "/web/runs/r1")
             await page.fill("#token", "nope")

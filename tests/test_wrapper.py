@@ -16,7 +16,7 @@ from tests.jobs import job_env, ledger_run, run_events, run_state, types, wait_u
 PY = sys.executable
 
 
-def finish(proc, timeout: float = 30) -> tuple[int, str, str]:  # type: ignore[no-untyped-def]
+def finish(proc, timeout: float = 60) -> tuple[int, str, str]:  # type: ignore[no-untyped-def]
     out, err = proc.communicate(timeout=timeout)
     return proc.returncode, out, err
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import sqlite3
 import sys
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -88,6 +89,12 @@ def owner_alive(owner: str) -> bool:
     return True
 
 
+def _locked(exc: aiosqlite.Error) -> bool:
+    """Another connection holds the lock (SQLite's SQLITE_BUSY or SQLITE_LOCKED), told by its code, not its message."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
 def check_spoolable(subject: str, payload: bytes) -> None:
     """InvalidEvent (one line) for an event the ledger would only quarantine: too large, invalid."""
     decode_event(subject, payload)
@@ -144,7 +151,7 @@ class Spool:
                     await (await self.db.execute(sql)).close()
                 return
             except aiosqlite.OperationalError as exc:
-                if "locked" not in str(exc) or attempt == attempts - 1:
+                if not _locked(exc) or attempt == attempts - 1:
                     raise
                 await asyncio.sleep(0.025)
 
@@ -155,9 +162,11 @@ class Spool:
             if name not in have:
                 try:
                     await self._retry_locked(sql)
-                except aiosqlite.OperationalError as exc:
-                    if "duplicate column" not in str(exc):  # another process added it first
-                        raise
+                except aiosqlite.OperationalError:
+                    async with self.db.execute("PRAGMA table_info(spool)") as cur:
+                        if name not in {r[1] for r in await cur.fetchall()}:
+                            raise
+                    # another process added it first
 
     @property
     def db(self) -> aiosqlite.Connection:

@@ -24,7 +24,9 @@
         var doc = new DOMParser().parseFromString(text, "text/html");
         var fresh = doc.getElementById("live");
         if (fresh && live) live.innerHTML = fresh.innerHTML;
-        shown = Math.max(target, Number(doc.body.dataset.seq || target));
+        // What the fetched page shows, not what was wanted: views behind the target (an action's event
+        // not applied yet) are fetched again, else a page could stay on the state before the action.
+        shown = Math.max(shown, Number(doc.body.dataset.seq || target));
         if (seqShown) seqShown.textContent = String(shown);
       })
       .catch(function () { shown = target; })
@@ -62,8 +64,7 @@
       })
       .then(function (r) {
         show(r.ok ? r.body.message : r.body.error, !r.ok);
-        wanted = Math.max(wanted, shown + 1);
-        refresh();
+        if (r.ok && r.body.appended) { wanted = Math.max(wanted, shown + 1); refresh(); }
       })
       .catch(function (err) { show("request failed: " + err, true); })
       .then(function () { if (button) button.disabled = false; });
