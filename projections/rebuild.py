@@ -38,7 +38,7 @@ from nats.js import JetStreamContext
 
 from ledger.errors import LedgerError
 from ledger.nats.stream import StreamMessage, last_seq_on, read_range
-from projections.schema import BATCH_WRITER, SCHEMA
+from projections.schema import BATCH_WRITER, RUN_INDEXES, SCHEMA
 from projections.store import decode_batch, fold, write_batch
 from projections.views import BatchKeys, ViewCache
 
@@ -46,7 +46,6 @@ VIEWS: Final = "views.db"
 GENERATION_RE: Final = re.compile(r"^views-(\d+)\.db$")
 CACHE_ENTITIES: Final = 10_000
 """Runs (and sweeps) kept in memory between batches; the rest are read back from the file."""
-_INDEXES: Final = ("runs_by_sweep", "runs_by_state")
 
 Progress = Callable[[int, int], None]
 """Called after each batch with (last sequence applied, last sequence to apply)."""
@@ -80,7 +79,7 @@ class _Builder:
             self.con.execute(f"PRAGMA {pragma}")
         self.con.executescript(SCHEMA)
         self.con.executescript(BATCH_WRITER)
-        for index in _INDEXES:  # built once at the end: cheaper than kept up to date row by row
+        for index in RUN_INDEXES:  # built once at the end: cheaper than kept up to date row by row
             self.con.execute(f"DROP INDEX IF EXISTS {index}")
         self.cache = ViewCache(cache_size)
         self.last_seq = 0
