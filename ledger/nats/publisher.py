@@ -29,7 +29,7 @@ from ledger.errors import (
     PermissionDenied,
     StreamUnavailable,
 )
-from ledger.nats.stream import on_denied
+from ledger.nats.stream import denial_words, on_denied
 
 WRONG_LAST_SEQUENCE: Final = 10071
 REFUSED_FOR_GOOD: Final = frozenset({
@@ -85,11 +85,11 @@ class Publisher:
     def _on_denied(self, subject: str, error: PermissionDenied) -> None:
         """The server refused a publish to ``subject``: every publish to it waiting for its ack fails now."""
         for token, what in list(self._subjects.items()):
-            if what == subject:
+            if what.lower() == subject.lower():  # nats-py hands the violation over in lower case
                 future = self._futures.pop(token, None)
                 self._subjects.pop(token, None)
                 if future is not None and not future.done():
-                    future.set_exception(PermissionDenied(str(error)))
+                    future.set_exception(PermissionDenied(f"permission denied: {denial_words('publish', what)}"))
         if len(self._futures) < self.max_in_flight:
             self._room.set()
 

@@ -130,22 +130,33 @@ def on_denied(nc: NATS, listener: Callable[[str, PermissionDenied], None]) -> No
 
 
 def describe_denial(text: str) -> tuple[str, str, str]:
-    """``(op, subject, words)`` of the server's permission violation: what was refused, in words."""
+    """``(op, subject, words)`` of the server's permission violation: what was refused, in words.
+
+    nats-py hands the violation over in lower case: the subject is lower case (JetStream API subjects are
+    given back in their own upper case; a publisher names its own subject with ``denial_words``).
+    """
     found = _DENIAL.search(text)
     if found is None:
         return "", "", text.removeprefix("nats: ").strip()
     op, subject = found.group(1).lower(), found.group(2)
+    if subject.lower().startswith("$js."):
+        subject = subject.upper()
+    return op, subject, denial_words(op, subject)
+
+
+def denial_words(op: str, subject: str) -> str:
+    """What a refused ``op`` (``publish`` or ``subscription``) on ``subject`` would have done, in words."""
     if op == "subscription":
-        return op, subject, f"subscribe to {subject}"
+        return f"subscribe to {subject}"
     parts = subject.split(".")
     if parts[0] == "ledger" and len(parts) == 4:
-        return op, subject, f"append {parts[1]}.{parts[3]} to {parts[1]} {parts[2]} (publish to {subject})"
+        return f"append {parts[1]}.{parts[3]} to {parts[1]} {parts[2]} (publish to {subject})"
     api = subject.removeprefix("$JS.API.")
     for prefix, words in _API_WORDS:
         if api.startswith(prefix):
             rest = api[len(prefix):].lstrip(".")
-            return op, subject, f"{words} {rest}".strip() + f" (publish to {subject})"
-    return op, subject, f"publish to {subject}"
+            return f"{words} {rest}".strip() + f" (publish to {subject})"
+    return f"publish to {subject}"
 
 
 _API_WORDS: Final = (
