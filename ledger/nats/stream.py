@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import json
 import os
 import re
@@ -22,13 +23,12 @@ from pathlib import Path
 from typing import Final
 from weakref import WeakKeyDictionary
 
-import nats
 from nats import errors as nats_errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from nats.js.errors import NotFoundError
-from nats.protocol.parser import PERMISSIONS_ERR
+from nats.protocol.parser import AUTHORIZATION_VIOLATION, PERMISSIONS_ERR
 
 from ledger.errors import CredentialsRefused, PermissionDenied, StreamUnavailable
 from ledger.nats.auth import is_jwt_creds
@@ -74,8 +74,9 @@ async def connect(url: str, *, name: str = "run-ledger", reconnect: bool = True,
         if holder and PERMISSIONS_ERR in str(exc).lower():
             _denied(holder[0], str(exc))
 
+    nc = NATS()
     try:
-        nc = await nats.connect(
+        await nc.connect(
             url,
             name=name,
             connect_timeout=timeout,
@@ -88,10 +89,9 @@ async def connect(url: str, *, name: str = "run-ledger", reconnect: bool = True,
             closed_cb=_quiet_cb,
             **options,  # type: ignore[arg-type]
         )
-    except nats_errors.AuthorizationError as exc:
-        raise CredentialsRefused(f"NATS at {url} refused the credentials "
-                                 f"({creds or f'none given: --nats-creds / {CREDS_ENV}'})") from exc
     except Exception as exc:  # nats-py raises several unrelated types on connect
+        with contextlib.suppress(Exception):
+            await nc.close()  # a refused first connect leaves its transport open otherwise
         if _auth_refused(exc):
             raise CredentialsRefused(f"NATS at {url} refused the credentials "
                                      f"({creds or f'none given: --nats-creds / {CREDS_ENV}'})") from exc
@@ -112,8 +112,8 @@ def _auth_refused(exc: BaseException) -> bool:
     """Whether a failed connect was the server refusing the credentials (nats-py's error class, in the chain)."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, nats_errors.AuthorizationError):
-            return True
+        if isinstance(seen, nats_errors.AuthorizationError) or AUTHORIZATION_VIOLATION in str(seen).lower():
+            return True  # nats-py raises its plain Error with the server's words on a first connect
         seen = seen.__cause__ or seen.__context__
     return False
 
@@ -180,8 +180,10 @@ def _denied(nc: NATS, text: str) -> None:
     error = PermissionDenied(f"permission denied: {words}")
     for listener in list(_listeners.get(nc, ())):
         listener(subject, error)
-    if subject.startswith("$JS."):  # a JetStream API request the server dropped: fail it now, not at its timeout
-        for future in list(getattr(nc, "_resp_map", {}).values()):  # nats-py's pending requests
+    if op == "publish":  # a request the server dropped (JetStream API, js.publish): fail it now, not at its timeout
+        # nats-py's pending requests do not say their subject: all of this connection's fail (the Publisher's
+        # own appends are told apart by subject above and never wait here)
+        for future in list(getattr(nc, "_resp_map", {}).values()):
             if not future.done():
                 future.set_exception(error)
 
