@@ -105,7 +105,7 @@ def key_path(directory: Path, role: str) -> Path:
 
 def public_key(seed: bytes) -> str:
     """The public nkey (``U...``) of a user seed (``SU...``)."""
-    import nkeys
+    import nkeys  # type: ignore[import-untyped]
 
     try:
         kp = nkeys.from_seed(bytearray(seed.strip()))
@@ -117,7 +117,7 @@ def public_key(seed: bytes) -> str:
 def new_seed() -> bytes:
     """A fresh user nkey seed (``SU...``)."""
     import nacl.signing
-    import nkeys
+    import nkeys  # type: ignore[import-untyped]
 
     raw = bytes(nacl.signing.SigningKey.generate())
     return bytes(nkeys.encode_seed(raw, nkeys.PREFIX_BYTE_USER))

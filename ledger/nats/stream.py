@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 from weakref import WeakKeyDictionary
 
 from nats import errors as nats_errors
@@ -54,7 +54,7 @@ async def connect(url: str, *, name: str = "run-ledger", reconnect: bool = True,
     """
     creds = creds or os.environ.get(CREDS_ENV) or None
     ca = ca or os.environ.get(CA_ENV) or None
-    options: dict[str, object] = {}
+    options: dict[str, Any] = {}
     if creds:
         try:
             text = Path(creds).read_text()
@@ -76,22 +76,22 @@ async def connect(url: str, *, name: str = "run-ledger", reconnect: bool = True,
 
     nc = NATS()
     try:
-        await nc.connect(
-            url,
-            name=name,
-            connect_timeout=timeout,
-            allow_reconnect=False,
-            max_reconnect_attempts=1,  # a first connect gives up after two quick tries (nats-py
-            reconnect_time_wait=0.01,  # would otherwise retry it 60 times, or forever with -1)
-            error_cb=on_error,
-            disconnected_cb=disconnected_cb or _quiet_cb,
-            reconnected_cb=reconnected_cb or _quiet_cb,
-            closed_cb=_quiet_cb,
-            **options,  # type: ignore[arg-type]
-        )
+        await nc.connect(url, **{
+            "name": name,
+            "connect_timeout": timeout,
+            "allow_reconnect": False,
+            "max_reconnect_attempts": 1,  # a first connect gives up after two quick tries (nats-py
+            "reconnect_time_wait": 0.01,  # would otherwise retry it 60 times, or forever with -1)
+            "error_cb": on_error,
+            "disconnected_cb": disconnected_cb or _quiet_cb,
+            "reconnected_cb": reconnected_cb or _quiet_cb,
+            "closed_cb": _quiet_cb,
+            **options,
+        })
     except Exception as exc:  # nats-py raises several unrelated types on connect
-        with contextlib.suppress(Exception):
-            await nc.close()  # a refused first connect leaves its transport open otherwise
+        with contextlib.suppress(Exception):  # a refused first connect leaves its transport open otherwise;
+            async with asyncio.timeout(1.0):  # a failed TLS handshake's never finishes closing
+                await nc.close()
         if _auth_refused(exc):
             raise CredentialsRefused(f"NATS at {url} refused the credentials "
                                      f"({creds or f'none given: --nats-creds / {CREDS_ENV}'})") from exc
