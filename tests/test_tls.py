@@ -116,3 +116,23 @@ def test_cli_over_tls(tls_server: tuple[EmbeddedNats, Path, Path], tmp_path: Pat
     refused = ledger("emit", "--nats-creds", str(key_path(keys, "job")), event, env=env)
     assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
     assert "cannot connect to NATS" in refused.stderr
+
+
+@pytest.mark.parametrize("name", ["nats-server.conf", "nats-cluster.conf"])
+def test_deploy_configs_are_valid_for_nats_server(tmp_path: Path, name: str) -> None:
+    """deploy/'s NATS configs (roles and TLS, for clients and cluster routes) pass `nats-server -t`."""
+    import subprocess
+
+    from ledger.nats.server import nats_server_binary
+
+    etc = tmp_path / "etc"
+    make_ca(etc / "tls")
+    init_keys(etc / "auth")
+    text = (Path(__file__).parent.parent / "deploy" / name).read_text()
+    assert "include ./auth/auth.conf" in text and "tls {" in text
+    if name == "nats-cluster.conf":
+        assert text.count("tls {") == 2 and "tls://" in text
+    conf = etc / name
+    conf.write_text(text.replace("/etc/run-ledger", str(etc)).replace("/var/lib/run-ledger", str(tmp_path / "var")))
+    done = subprocess.run([nats_server_binary(), "-t", "-c", str(conf)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stdout + done.stderr
