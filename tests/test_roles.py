@@ -352,3 +352,23 @@ def test_up_with_auth(keys: Path, tmp_path: Path) -> None:
         assert pause.returncode == 1 and "permission denied: append sweep.paused to sweep sq" in pause.stderr
     finally:
         running.stop()
+
+
+async def test_python_client_takes_a_key(admin: JetStreamContext, secured: EmbeddedNats, keys: Path,
+                                         tmp_path: Path) -> None:
+    """The Python client publishes with the job key it is given; a run.killed it may not append is
+    reported as refused and set aside, never appended."""
+    from ledger.jobs.client import AsyncLedger
+
+    said: list[str] = []
+    before = await stream_last_seq(admin)
+    client = await AsyncLedger.connect(secured.url, spool=tmp_path / "spool.db", creds=str(key_path(keys, "job")),
+                                       report=said.append)
+    try:
+        await client.publish(ev.RunStarted(id=_id(), at=AT, run_id="rpy"), wait=10)  # type: ignore[arg-type]
+        await client.publish(ev.RunKilled(id=_id(), at=AT, run_id="rpy"), wait=10)  # type: ignore[arg-type]
+        assert await client.close(drain=10)
+    finally:
+        await client.close(drain=0)
+    assert await stream_last_seq(admin) == before + 1
+    assert any("permission denied: append run.killed to run rpy" in line for line in said), said

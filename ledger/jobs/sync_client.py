@@ -88,10 +88,12 @@ class Ledger:
 
     @classmethod
     def connect(cls, url: str | None = None, *, spool: str | os.PathLike[str] | None = None,
-                timeout: float = 2.0) -> Ledger:
-        """Open the spool and try NATS (``url``, else ``$LEDGER_NATS_URL``, else the local default)."""
+                timeout: float = 2.0, creds: str | None = None, ca: str | None = None) -> Ledger:
+        """Open the spool and try NATS (``url``, else ``$LEDGER_NATS_URL``, else the local default);
+        ``creds`` / ``ca``: the role's key and the CA file (else ``$LEDGER_NATS_CREDS`` / ``$LEDGER_NATS_CA``)."""
         ledger = cls()
-        ledger._async = ledger._call(AsyncLedger.connect(url, spool=spool, timeout=timeout), timeout + WAIT_S)
+        ledger._async = ledger._call(AsyncLedger.connect(url, spool=spool, timeout=timeout, creds=creds, ca=ca),
+                                     timeout + WAIT_S)
         atexit.register(ledger.close)
         return ledger
 

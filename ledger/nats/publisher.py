@@ -29,7 +29,7 @@ from ledger.errors import (
     PermissionDenied,
     StreamUnavailable,
 )
-from ledger.nats.stream import denial_words, on_denied
+from ledger.nats.stream import denial_words, off_denied, on_denied
 
 WRONG_LAST_SEQUENCE: Final = 10071
 REFUSED_FOR_GOOD: Final = frozenset({
@@ -205,6 +205,7 @@ class Publisher:
             await asyncio.wait(pending, timeout=self.timeout)
 
     async def close(self) -> None:
+        off_denied(self.nc, self._on_denied)
         sub, self._sub = self._sub, None
         if sub is not None:
             await sub.unsubscribe()  # type: ignore[attr-defined]

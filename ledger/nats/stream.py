@@ -129,6 +129,13 @@ def on_denied(nc: NATS, listener: Callable[[str, PermissionDenied], None]) -> No
     _listeners.setdefault(nc, []).append(listener)
 
 
+def off_denied(nc: NATS, listener: Callable[[str, PermissionDenied], None]) -> None:
+    """Stop calling ``listener`` (a closed publisher)."""
+    listeners = _listeners.get(nc, [])
+    if listener in listeners:
+        listeners.remove(listener)
+
+
 def describe_denial(text: str) -> tuple[str, str, str]:
     """``(op, subject, words)`` of the server's permission violation: what was refused, in words.
 
