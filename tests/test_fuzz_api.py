@@ -78,7 +78,7 @@ def _request(draw: st.DrawFn, operations: list[tuple[str, str, dict[str, Any]]])
     query: list[tuple[str, str]] = []
     for param in _params(operation):
         value = draw(_value(param.get("schema", {})))
-        if param["name"] == "min_seq" and value.strip().isdigit() and int(value) > 0:
+        if param["name"] == "min_seq" and value.strip().isascii() and value.strip().isdigit() and int(value) > 0:
             value = "0"  # a real wait for the projection (up to 5 s, then 504): tested in test_api.py
         if param["in"] == "path":
             path = path.replace("{" + param["name"] + "}", urllib.parse.quote(value, safe="") or "%20")
@@ -134,6 +134,10 @@ def test_with_a_token_every_route_but_health_and_metrics_needs_it(
     check(method, template, url, response.status_code, response.content, response.headers.get("content-type", ""))
     if template in ("/health", "/metrics", "/web/login") or (token or "").strip() == TOKEN:
         return
+    path = urllib.parse.unquote(url.split("?", 1)[0])
+    unroutable = path.count("/") != template.count("/") or {".", ".."} & set(path.split("/"))  # clients fold dots
+    if response.status_code in (404, 405) and unroutable:
+        return  # an id holding "/" matches no route (or another route's path): nothing to guard
     assert response.status_code == 401, f"{method} {url} with {token!r}: {response.status_code}"
     assert "error" in response.json()
 
