@@ -195,10 +195,6 @@ def _denied(nc: NATS, text: str) -> None:
                 future.set_exception(error)
 
 
-async def _quiet(exc: Exception) -> None:
-    """nats-py logs every error to stderr by default; the ledger reports them itself."""
-
-
 async def _quiet_cb() -> None:
     return None
 
