@@ -3,7 +3,9 @@
     LedgerError
     ├── InvalidEvent          bad input: not JSON, wrong field, unsafe id, subject mismatch
     ├── StreamUnavailable     NATS/JetStream cannot be reached or refused the request
+    │   └── CredentialsRefused    the server refused the connection's credentials (no key, a wrong key)
     ├── EventRefused          the server refused one event for good (too large, invalid): retrying cannot help
+    │   └── PermissionDenied      the server's permissions refused a publish or subscribe (CONTRACT section 7)
     ├── ConcurrencyConflict   an expected-sequence append lost a race (JetStream 10071)
     ├── ResumeRefused         a start broke the resume table of CONTRACT section 2
     ├── CommandRefused        a sweep or run command that makes no sense in the current state
@@ -36,6 +38,17 @@ class EventRefused(LedgerError):
 
     Told apart from a transient failure by JetStream's ``err_code`` or nats-py's
     error class, never by message text.
+    """
+
+
+class CredentialsRefused(StreamUnavailable):
+    """The NATS server refused to let this client in: no credentials, or ones it does not know."""
+
+
+class PermissionDenied(EventRefused):
+    """The NATS server's permissions refused a publish or a subscription: ``permission denied: <what>``.
+
+    An EventRefused: sending it again with the same key cannot help.
     """
 
 

@@ -145,8 +145,14 @@ def _check_id(value: str, what: str) -> str:
     return value
 
 
+MAX_INT: Final = 2**63 - 1
+"""The largest integer SQLite stores: a larger sequence or offset is a 400, not an OverflowError."""
+MAX_WAIT_S: Final = 60.0
+"""The longest ``timeout`` a ``min_seq`` read may ask to wait."""
+
+
 def _int_param(request: Request[Any, Any, Any], name: str, default: int | None, low: int = 0,
-               high: int | None = None) -> int | None:
+               high: int = MAX_INT) -> int | None:
     raw = request.query_params.get(name)
     if raw is None or raw == "":
         return default
@@ -154,8 +160,8 @@ def _int_param(request: Request[Any, Any, Any], name: str, default: int | None, 
         value = int(raw)
     except ValueError as exc:
         raise ValidationException(f"{name} must be an integer, got {raw[:40]!r}") from exc
-    if value < low or (high is not None and value > high):
-        raise ValidationException(f"{name} must be between {low} and {high if high is not None else 'any'}")
+    if value < low or value > high:
+        raise ValidationException(f"{name} must be between {low} and {high}")
     return value
 
 
@@ -175,6 +181,8 @@ async def _wait_min_seq(request: Request[Any, Any, Any]) -> Response[Any] | None
         timeout = float(raw_timeout)
     except ValueError:
         return _error(HTTP_400_BAD_REQUEST, f"timeout must be a number of seconds, got {raw_timeout[:40]!r}")
+    if not 0 <= timeout <= MAX_WAIT_S:  # NaN fails both comparisons too
+        return _error(HTTP_400_BAD_REQUEST, f"timeout must be between 0 and {MAX_WAIT_S:g} seconds")
     state = _state(request)
     if state.notifier is not None:
         if await state.notifier.wait_for(min_seq, timeout):

@@ -25,6 +25,7 @@ from nats.errors import Error as NatsError
 from ledger.errors import LedgerError
 from ledger.nats.server import EmbeddedNats, check_port_free
 from ledger.nats.stream import connect, ensure_stream
+from projections.auth import is_loopback
 
 LOCK_FILE = "ledger.lock"
 SHUTDOWN_S = 10.0
@@ -43,6 +44,21 @@ class UpSettings:
     """Replicas of the stream: on creation, or to raise an existing one's (never lowered); None: the default."""
     compact_after: float | None = None
     """``--compact-after``: compact the heartbeats of runs ended longer ago than this (seconds); None: never."""
+    auth_dir: Path | None = None
+    """``ledger auth init``'s directory: the embedded server runs with its roles, and ``ledger up`` uses ``service.nk``."""
+    nats_creds: str | None = None
+    """This process's own key (default: the auth dir's ``service.nk``, else ``$LEDGER_NATS_CREDS``)."""
+    nats_tls: tuple[Path, Path] | None = None
+    """Certificate and key of the embedded server: it then takes ``tls://`` clients only."""
+
+    def creds(self) -> str | None:
+        if self.nats_creds:
+            return self.nats_creds
+        if self.auth_dir is not None:
+            from ledger.nats.auth import key_path
+
+            return str(key_path(self.auth_dir, "service"))
+        return None
 
 
 def parse_hostport(value: str) -> tuple[str, int]:
@@ -100,6 +116,17 @@ class DataDirLock:
 async def up(settings: UpSettings, on_ready: Callable[[dict[str, object]], None]) -> None:
     """Run everything until SIGINT/SIGTERM; ``on_ready`` gets the addresses once serving."""
     host, port = parse_hostport(settings.http)
+    if settings.auth_dir is not None and not settings.http_token and not is_loopback(host):
+        raise LedgerError(f"--auth with the HTTP API on {host} (beyond loopback) needs a token: "
+                          "--http-token / LEDGER_HTTP_TOKEN")
+    auth = None
+    if settings.auth_dir is not None:
+        from ledger.nats.auth import key_path, read_auth_conf
+
+        auth = read_auth_conf(settings.auth_dir)
+        if not settings.nats_creds and not key_path(settings.auth_dir, "service").exists():
+            raise LedgerError(f"{key_path(settings.auth_dir, 'service')} does not exist: "
+                              f"run `ledger auth init {settings.auth_dir}`")
     # Signals first: from here on SIGINT/SIGTERM are events, not KeyboardInterrupt or death mid-start.
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -108,7 +135,8 @@ async def up(settings: UpSettings, on_ready: Callable[[dict[str, object]], None]
             embedded: EmbeddedNats | None = None
             url = settings.nats_url
             if url is None:
-                embedded = EmbeddedNats(settings.data_dir / "nats", port=settings.nats_port)
+                embedded = EmbeddedNats(settings.data_dir / "nats", port=settings.nats_port, auth=auth,
+                                        tls=settings.nats_tls)
                 url = embedded.start()
             try:
                 await _serve(settings, url, embedded, host, port, signals, on_ready)
@@ -134,7 +162,7 @@ async def _serve(settings: UpSettings, url: str, embedded: EmbeddedNats | None, 
     async def back() -> None:
         say(f"NATS back at {url}")
 
-    nc = await connect(url, disconnected_cb=lost, reconnected_cb=back)
+    nc = await connect(url, disconnected_cb=lost, reconnected_cb=back, creds=settings.creds())
     try:
         js = nc.jetstream()
         await ensure_stream(js, replicas=settings.replicas, say=say)

@@ -31,6 +31,7 @@ VERBS: dict[str, str] = {
     "compact": "ledger.cli.compact:compact",
     "quarantine": "ledger.cli.follow:quarantine",
     "status": "ledger.cli.status:status",
+    "auth": "ledger.cli.auth:auth",
 }
 """Verb -> ``module:attribute`` of its click command, in the order ``--help`` lists them."""
 
@@ -70,7 +71,19 @@ class LedgerGroup(click.Group):
         except LedgerError as exc:
             from ledger.cli.common import fail
 
-            fail(str(exc))
+            fail(str(_refusal_in(exc) or exc))
+
+
+def _refusal_in(exc: BaseException) -> BaseException | None:
+    """The server's permission refusal behind an error, if any: it is what the user must hear."""
+    from ledger.errors import PermissionDenied
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, PermissionDenied):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 @click.group(cls=LedgerGroup, context_settings={"help_option_names": ["-h", "--help"]})

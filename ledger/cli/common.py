@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 
+F = TypeVar("F", bound=Callable[..., Any])
 
 class LazyConsole:
     """A rich Console made on first use: ``ledger run`` starts faster without rich."""
@@ -31,9 +32,34 @@ console: Any = LazyConsole(width=None if sys.stdout.isatty() or os.environ.get("
 """Tables on stdout: as wide as the terminal (or $COLUMNS); 160 columns into a pipe or file."""
 err_console: Any = LazyConsole(stderr=True, soft_wrap=True)
 
-nats_url_option = click.option("--nats-url", envvar="LEDGER_NATS_URL", default=None,
-                               help="NATS server URL, or a cluster's comma-separated URLs (clients fail over between them)  "
-                                    "[env LEDGER_NATS_URL; default nats://127.0.0.1:4222]")
+CREDS_ENV = "LEDGER_NATS_CREDS"
+CA_ENV = "LEDGER_NATS_CA"
+
+
+def _to_env(name: str) -> Callable[[click.Context, click.Parameter, str | None], str | None]:
+    """An option callback that hands the value to every connection of this process (and its children)
+    through ``name``: ``connect()`` reads it, ``ledger run`` passes it on to its job."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if value:
+            os.environ[name] = value
+        return value
+
+    return callback
+
+
+def nats_url_option(command: F) -> F:
+    """``--nats-url``, and the credentials and CA file every NATS client takes (CONTRACT section 7)."""
+    command = click.option("--nats-ca", envvar=CA_ENV, default=None, expose_value=False, callback=_to_env(CA_ENV),
+                           type=click.Path(exists=True, dir_okay=False),
+                           help=f"CA file to check a tls:// NATS server against  [env {CA_ENV}]")(command)
+    command = click.option("--nats-creds", envvar=CREDS_ENV, default=None, expose_value=False,
+                           callback=_to_env(CREDS_ENV), type=click.Path(exists=True, dir_okay=False),
+                           help=f"This client's role key (DIR/<role>.nk of `ledger auth init`)  [env {CREDS_ENV}]")(command)
+    return click.option("--nats-url", envvar="LEDGER_NATS_URL", default=None,
+                        help="NATS server URL (nats:// or tls://), or a cluster's comma-separated URLs (clients fail over "
+                             "between them)  [env LEDGER_NATS_URL; default nats://127.0.0.1:4222]")(command)
+
 http_option = click.option("--http", "http", envvar="LEDGER_HTTP", default="127.0.0.1:8480", show_default=True,
                            help="HOST:PORT of the ledger HTTP API  [env LEDGER_HTTP]")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")

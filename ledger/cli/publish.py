@@ -90,13 +90,15 @@ async def _publish_once(url: str, subject: str, payload: bytes, event_id: str) -
     import nats.errors
     from nats.js.errors import APIError, NoStreamResponseError
 
-    from ledger.errors import StreamUnavailable
+    from ledger.errors import PermissionDenied, StreamUnavailable
     from ledger.nats.stream import connect
 
     nc = await connect(url, reconnect=False)
     try:
         ack = await nc.jetstream().publish(subject, payload, timeout=5, headers={"Nats-Msg-Id": event_id})
         return int(ack.seq), bool(ack.duplicate)
+    except PermissionDenied:
+        raise
     except (NoStreamResponseError, nats.errors.NoRespondersError) as exc:
         raise StreamUnavailable(f"no JetStream stream takes {subject} at {url}: is `ledger up` running?") from exc
     except nats.errors.TimeoutError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -32,9 +33,17 @@ from ledger.cli.compact import Duration
 @click.option("--compact-after", "compact_after", envvar="LEDGER_COMPACT_AFTER", default=None, type=Duration(),
               help="Now and then remove from the stream the heartbeats no view needs, of runs ended longer ago "
                    "than this (7d, 12h, 30m; needs the admin role)  [env LEDGER_COMPACT_AFTER; default: never]")
+@click.option("--auth", "auth_dir", envvar="LEDGER_AUTH_DIR", default=None,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Run NATS with the roles of `ledger auth init DIR`; up itself uses DIR/service.nk  [env LEDGER_AUTH_DIR]")
+@click.option("--nats-tls-cert", envvar="LEDGER_NATS_TLS_CERT", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Certificate of the embedded NATS server: it then takes tls:// clients only  [env LEDGER_NATS_TLS_CERT]")
+@click.option("--nats-tls-key", envvar="LEDGER_NATS_TLS_KEY", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Its private key  [env LEDGER_NATS_TLS_KEY]")
 @json_option
 def up(data_dir: Path, nats_url: str | None, nats_port: int, http: str, heartbeat_timeout: float,
-       http_token: str | None, replicas: int | None, compact_after: float | None, as_json: bool) -> None:
+       http_token: str | None, replicas: int | None, compact_after: float | None, auth_dir: Path | None,
+       nats_tls_cert: str | None, nats_tls_key: str | None, as_json: bool) -> None:
     """Run the ledger: embedded NATS (unless --nats-url), stream, projector and HTTP API."""
     with needs_server("up"):
         import projections.api  # noqa: F401  (the API and its server: the extra's libraries, checked up front)
@@ -51,8 +60,12 @@ def up(data_dir: Path, nats_url: str | None, nats_port: int, http: str, heartbea
             console.print("[dim]Ctrl-C to stop[/]")
         sys.stdout.flush()
 
+    if bool(nats_tls_cert) != bool(nats_tls_key):
+        raise click.UsageError("--nats-tls-cert and --nats-tls-key go together")
+    tls = (Path(nats_tls_cert), Path(nats_tls_key)) if nats_tls_cert and nats_tls_key else None
     settings = UpSettings(data_dir, nats_url, nats_port, http, heartbeat_timeout, http_token or None,
-                          replicas=replicas, compact_after=compact_after)
+                          replicas=replicas, compact_after=compact_after, auth_dir=auth_dir,
+                          nats_creds=os.environ.get("LEDGER_NATS_CREDS") or None, nats_tls=tls)
     try:
         asyncio.run(run_up(settings, ready))
     except KeyboardInterrupt:  # a Ctrl-C before the signal handlers were in place: nothing had started

@@ -231,10 +231,11 @@ class AsyncLedger:
     """A job-side connection to the ledger: the spool, its outbox, and NATS when it is there."""
 
     def __init__(self, url: str, spool: Spool, *, owner: str | None = None, report: Report = report_to_stderr,
-                 heartbeat_min_interval: float = DEFAULT_HEARTBEAT_MIN_INTERVAL_S) -> None:
+                 heartbeat_min_interval: float = DEFAULT_HEARTBEAT_MIN_INTERVAL_S, creds: str | None = None,
+                 ca: str | None = None) -> None:
         self.url = url
         self.spool = spool
-        self.connection = Connection(url)
+        self.connection = Connection(url, creds=creds, ca=ca)
         self.outbox = Outbox(spool, owner or owner_of(os.getpid()), self.connection, report=report)
         self.heartbeat_min_interval = max(0.0, heartbeat_min_interval)
         self._tasks: list[asyncio.Task[None]] = []
@@ -243,8 +244,12 @@ class AsyncLedger:
     @classmethod
     async def connect(cls, url: str | None = None, *, spool: str | os.PathLike[str] | None = None,
                       timeout: float = 2.0, report: Report = report_to_stderr,
-                      heartbeat_min_interval: float = DEFAULT_HEARTBEAT_MIN_INTERVAL_S) -> AsyncLedger:
+                      heartbeat_min_interval: float = DEFAULT_HEARTBEAT_MIN_INTERVAL_S, creds: str | None = None,
+                      ca: str | None = None) -> AsyncLedger:
         """Open the spool and try NATS (``url``, else ``$LEDGER_NATS_URL``, else the local default).
+
+        ``creds``: the role's key file (else ``$LEDGER_NATS_CREDS``); ``ca``: the CA file of a ``tls://``
+        server (else ``$LEDGER_NATS_CA``). Credentials the server refuses count as NATS unreachable.
 
         NATS being unreachable is not an error: events wait in the spool.
         ``report`` gets one line per event the server refused for good and per
@@ -252,7 +257,7 @@ class AsyncLedger:
         ``heartbeat_min_interval`` seconds is sent (0: every one); the rest are coalesced.
         """
         ledger = cls(resolve_url(url), await Spool(spool).open(), report=report,
-                     heartbeat_min_interval=heartbeat_min_interval)
+                     heartbeat_min_interval=heartbeat_min_interval, creds=creds, ca=ca)
         ledger.connection.on_connect(ledger._on_connect)
         await ledger.connection.try_connect(timeout)
         loop = asyncio.get_running_loop()

@@ -93,14 +93,17 @@ class Ledger:
 
     @classmethod
     def connect(cls, url: str | None = None, *, spool: str | os.PathLike[str] | None = None,
-                timeout: float = 2.0, heartbeat_min_interval: float = DEFAULT_HEARTBEAT_MIN_INTERVAL_S) -> Ledger:
+                timeout: float = 2.0, heartbeat_min_interval: float = DEFAULT_HEARTBEAT_MIN_INTERVAL_S,
+                creds: str | None = None, ca: str | None = None) -> Ledger:
         """Open the spool and try NATS (``url``, else ``$LEDGER_NATS_URL``, else the local default).
 
         At most one heartbeat per run per ``heartbeat_min_interval`` seconds is sent (0: every one).
+        ``creds`` / ``ca``: the role's key and the CA file (else ``$LEDGER_NATS_CREDS`` / ``$LEDGER_NATS_CA``).
         """
         ledger = cls()
         ledger._async = ledger._call(AsyncLedger.connect(url, spool=spool, timeout=timeout,
-                                                         heartbeat_min_interval=heartbeat_min_interval),
+                                                         heartbeat_min_interval=heartbeat_min_interval,
+                                                         creds=creds, ca=ca),
                                      timeout + WAIT_S)
         atexit.register(ledger.close)
         return ledger

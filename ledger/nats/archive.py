@@ -251,6 +251,9 @@ async def import_stream(nc: NATS, lines: Iterable[bytes], *, append: bool = Fals
     """Append the export records of ``lines`` to the LEDGER stream, in order, resuming where a previous import stopped."""
     js = nc.jetstream()
     await ensure_stream(js)
+    # The import marks need update_stream, an admin right (CONTRACT section 7): asked for once, unchanged,
+    # before anything is written, so a key without it is refused with nothing appended.
+    note_stream(await js.update_stream((await js.stream_info(STREAM)).config))
     result = ImportResult()
     result.resumed_after, resume_payload = await resume_point(js, append=append)
     publisher = Publisher(nc, max_in_flight=window, timeout=30.0)

@@ -23,9 +23,12 @@ Hook = Callable[[], Awaitable[None]]
 class Connection:
     """The connection of one job-side process; ``publisher`` is None while NATS is unreachable."""
 
-    def __init__(self, url: str, *, name: str = "run-ledger-job", retry_every: float = 1.0) -> None:
+    def __init__(self, url: str, *, name: str = "run-ledger-job", retry_every: float = 1.0,
+                 creds: str | None = None, ca: str | None = None) -> None:
         self.url = url
         self.name = name
+        self.creds = creds  # the role's key file; None: $LEDGER_NATS_CREDS (connect() reads it)
+        self.ca = ca
         self.retry_every = retry_every
         self.nc: NATS | None = None
         self.js: JetStreamContext | None = None
@@ -46,7 +49,8 @@ class Connection:
         if self.nc is not None:
             return self.nc.is_connected
         try:
-            nc = await connect(self.url, name=self.name, timeout=timeout, reconnected_cb=self._reconnected)
+            nc = await connect(self.url, name=self.name, timeout=timeout, reconnected_cb=self._reconnected,
+                               creds=self.creds, ca=self.ca)
         except StreamUnavailable as exc:
             self.error = str(exc)
             return False

@@ -6,7 +6,9 @@ Appends guarded by an expected subject sequence map JetStream's 10071 to
 ConcurrencyConflict. A refusal that no retry can mend (a message too large
 for the stream or the server, a header too large: JetStream ``err_code`` or
 nats-py's error class, never the message text) is EventRefused; every other
-failure is StreamUnavailable, which a retry may mend.
+failure is StreamUnavailable, which a retry may mend. A publish the server's
+permissions refuse (CONTRACT section 7) fails at once with PermissionDenied
+(an EventRefused), naming what was refused; nothing was appended.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from ledger.errors import (
     ConcurrencyConflict,
     EventRefused,
     InvalidEvent,
+    PermissionDenied,
     StreamUnavailable,
 )
+from ledger.nats.stream import denial_words, off_denied, on_denied
 
 WRONG_LAST_SEQUENCE: Final = 10071
 REFUSED_FOR_GOOD: Final = frozenset({
@@ -72,9 +76,22 @@ class Publisher:
         self._prefix = ""
         self._next = 0
         self._futures: dict[str, asyncio.Future[int]] = {}
+        self._subjects: dict[str, str] = {}  # token -> subject, while its ack is due
         self._room = asyncio.Event()
         self._room.set()
         self._sub: object | None = None
+        on_denied(nc, self._on_denied)
+
+    def _on_denied(self, subject: str, error: PermissionDenied) -> None:
+        """The server refused a publish to ``subject``: every publish to it waiting for its ack fails now."""
+        for token, what in list(self._subjects.items()):
+            if what.lower() == subject.lower():  # nats-py hands the violation over in lower case
+                future = self._futures.pop(token, None)
+                self._subjects.pop(token, None)
+                if future is not None and not future.done():
+                    future.set_exception(PermissionDenied(f"permission denied: {denial_words('publish', what)}"))
+        if len(self._futures) < self.max_in_flight:
+            self._room.set()
 
     async def _ensure_inbox(self) -> None:
         if self._sub is None:
@@ -82,7 +99,9 @@ class Publisher:
             self._sub = await self.nc.subscribe(self._prefix + "*", cb=self._on_ack)
 
     async def _on_ack(self, msg: Msg) -> None:
-        future = self._futures.pop(msg.subject[len(self._prefix):], None)
+        token = msg.subject[len(self._prefix):]
+        future = self._futures.pop(token, None)
+        self._subjects.pop(token, None)
         if len(self._futures) < self.max_in_flight:
             self._room.set()
         if future is None or future.done():
@@ -120,14 +139,17 @@ class Publisher:
         token = str(self._next)
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._futures[token] = future
+        self._subjects[token] = subject
         try:
             await self.nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
         except REFUSED_CLASSES as exc:
             self._futures.pop(token, None)
+            self._subjects.pop(token, None)
             raise EventRefused(f"NATS refuses to send it ({type(exc).__name__}: "
                                f"{len(payload)} bytes, max_payload {self.nc.max_payload})") from exc
         except Exception as exc:
             self._futures.pop(token, None)
+            self._subjects.pop(token, None)
             raise StreamUnavailable(f"cannot publish to NATS: {exc or type(exc).__name__}") from exc
         return future
 
@@ -151,6 +173,7 @@ class Publisher:
         """Stop waiting for these publishes' acks (given up on): they no longer hold a place in flight."""
         gone = {id(f) for f in futures}
         self._futures = {k: f for k, f in self._futures.items() if id(f) not in gone}
+        self._subjects = {k: s for k, s in self._subjects.items() if k in self._futures}
         if len(self._futures) < self.max_in_flight:
             self._room.set()
 
@@ -182,6 +205,7 @@ class Publisher:
             await asyncio.wait(pending, timeout=self.timeout)
 
     async def close(self) -> None:
+        off_denied(self.nc, self._on_denied)
         sub, self._sub = self._sub, None
         if sub is not None:
             await sub.unsubscribe()  # type: ignore[attr-defined]

@@ -11,20 +11,27 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import json
+import os
+import re
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from datetime import datetime, timedelta, timezone
-from typing import Final
+from pathlib import Path
+from typing import Any, Final
+from weakref import WeakKeyDictionary
 
-import nats
+from nats import errors as nats_errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from nats.js.errors import NotFoundError
+from nats.protocol.parser import AUTHORIZATION_VIOLATION, PERMISSIONS_ERR
 
-from ledger.errors import StreamUnavailable
+from ledger.errors import CredentialsRefused, PermissionDenied, StreamUnavailable
+from ledger.nats.auth import is_jwt_creds
 
 STREAM: Final = "LEDGER"
 SUBJECTS: Final = ["ledger.>"]
@@ -43,31 +50,65 @@ def server_urls(url: str) -> list[str]:
 
 async def connect(url: str, *, name: str = "run-ledger", reconnect: bool = True, timeout: float = 2.0,
                   reconnected_cb: Callable[[], Awaitable[None]] | None = None,
-                  disconnected_cb: Callable[[], Awaitable[None]] | None = None) -> NATS:
+                  disconnected_cb: Callable[[], Awaitable[None]] | None = None,
+                  creds: str | None = None, ca: str | None = None) -> NATS:
     """Connect to NATS; a server that cannot be reached is StreamUnavailable.
 
     ``url`` may list several servers of a cluster, comma-separated: the first
     connect tries each, and a lost connection fails over to any of them (and
-    to the servers the cluster announces). Once connected it reconnects
-    forever; ``disconnected_cb`` and ``reconnected_cb`` hear of each loss and return.
+    to the servers the cluster announces). Once connected it reconnects forever; ``disconnected_cb`` and ``reconnected_cb`` hear of each loss and return.
+    ``creds``: the role's key file (a bare nkey seed, or a JWT ``.creds`` file), default ``$LEDGER_NATS_CREDS``;
+    ``ca``: a CA file to check a ``tls://`` server against, default ``$LEDGER_NATS_CA``. A server that
+    refuses the credentials is CredentialsRefused; a permission the server refuses later fails what asked
+    for it with PermissionDenied (``on_denied``).
     """
+    creds = creds or os.environ.get(CREDS_ENV) or None
+    ca = ca or os.environ.get(CA_ENV) or None
+    options: dict[str, Any] = {}
+    if creds:
+        try:
+            text = Path(creds).read_text()
+        except OSError as exc:
+            raise CredentialsRefused(f"cannot read the NATS credentials file {creds}: {exc.strerror}") from exc
+        options["user_credentials" if is_jwt_creds(text) else "nkeys_seed"] = creds
+    if ca:
+        import ssl
+
+        try:
+            options["tls"] = ssl.create_default_context(cafile=ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise StreamUnavailable(f"cannot use the CA file {ca}: {exc}") from exc
+    holder: list[NATS] = []
+
+    async def on_error(exc: Exception) -> None:
+        if holder and PERMISSIONS_ERR in str(exc).lower():
+            _denied(holder[0], str(exc))
+
     servers = server_urls(url)
+    nc = NATS()
     try:
-        nc = await nats.connect(
-            servers,
-            name=name,
-            connect_timeout=timeout,
-            allow_reconnect=len(servers) > 1,  # nats-py's first connect tries the next server only if set;
-            max_reconnect_attempts=1,  # then it gives up after two quick tries of each (nats-py
-            reconnect_time_wait=0.01,  # would otherwise retry it 60 times, or forever with -1)
-            error_cb=_quiet,
-            disconnected_cb=disconnected_cb or _quiet_cb,
-            reconnected_cb=reconnected_cb or _quiet_cb,
-            closed_cb=_quiet_cb,
-        )
+        await nc.connect(servers, **{
+            "name": name,
+            "connect_timeout": timeout,
+            "allow_reconnect": len(servers) > 1,  # nats-py's first connect tries the next server only if set;
+            "max_reconnect_attempts": 1,  # then it gives up after two quick tries of each (nats-py
+            "reconnect_time_wait": 0.01,  # would otherwise retry it 60 times, or forever with -1)
+            "error_cb": on_error,
+            "disconnected_cb": disconnected_cb or _quiet_cb,
+            "reconnected_cb": reconnected_cb or _quiet_cb,
+            "closed_cb": _quiet_cb,
+            **options,
+        })
     except Exception as exc:  # nats-py raises several unrelated types on connect
+        with contextlib.suppress(Exception):  # a refused first connect leaves its transport open otherwise;
+            async with asyncio.timeout(1.0):  # a failed TLS handshake's never finishes closing
+                await nc.close()
+        if _auth_refused(exc):
+            raise CredentialsRefused(f"NATS at {url} refused the credentials "
+                                     f"({creds or f'none given: --nats-creds / {CREDS_ENV}'})") from exc
         raise StreamUnavailable(f"cannot connect to NATS at {url}: {exc or type(exc).__name__}") from exc
     nc.options["allow_reconnect"] = False
+    holder.append(nc)
     if reconnect:  # once connected, reconnect forever (nats-py reads these at disconnect time)
         nc.options["allow_reconnect"] = True
         nc.options["max_reconnect_attempts"] = -1
@@ -75,8 +116,95 @@ async def connect(url: str, *, name: str = "run-ledger", reconnect: bool = True,
     return nc
 
 
-async def _quiet(exc: Exception) -> None:
-    """nats-py logs every error to stderr by default; the ledger reports them itself."""
+CREDS_ENV: Final = "LEDGER_NATS_CREDS"
+CA_ENV: Final = "LEDGER_NATS_CA"
+
+
+def _auth_refused(exc: BaseException) -> bool:
+    """Whether a failed connect was the server refusing the credentials (nats-py's error class, in the chain)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, nats_errors.AuthorizationError) or AUTHORIZATION_VIOLATION in str(seen).lower():
+            return True  # nats-py raises its plain Error with the server's words on a first connect
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+# --------------------------------------------------------------------------- permission refusals
+
+_listeners: WeakKeyDictionary[NATS, list[Callable[[str, PermissionDenied], None]]] = WeakKeyDictionary()
+_DENIAL: Final = re.compile(r'permissions violation for (publish|subscription) to "([^"]*)"', re.IGNORECASE)
+
+
+def on_denied(nc: NATS, listener: Callable[[str, PermissionDenied], None]) -> None:
+    """Call ``listener(subject, error)`` whenever the server refuses a publish of ``nc`` to ``subject``."""
+    _listeners.setdefault(nc, []).append(listener)
+
+
+def off_denied(nc: NATS, listener: Callable[[str, PermissionDenied], None]) -> None:
+    """Stop calling ``listener`` (a closed publisher)."""
+    listeners = _listeners.get(nc, [])
+    if listener in listeners:
+        listeners.remove(listener)
+
+
+def describe_denial(text: str) -> tuple[str, str, str]:
+    """``(op, subject, words)`` of the server's permission violation: what was refused, in words.
+
+    nats-py hands the violation over in lower case: the subject is lower case (JetStream API subjects are
+    given back in their own upper case; a publisher names its own subject with ``denial_words``).
+    """
+    found = _DENIAL.search(text)
+    if found is None:
+        return "", "", text.removeprefix("nats: ").strip()
+    op, subject = found.group(1).lower(), found.group(2)
+    if subject.lower().startswith("$js."):
+        subject = subject.upper()
+    return op, subject, denial_words(op, subject)
+
+
+def denial_words(op: str, subject: str) -> str:
+    """What a refused ``op`` (``publish`` or ``subscription``) on ``subject`` would have done, in words."""
+    if op == "subscription":
+        return f"subscribe to {subject}"
+    parts = subject.split(".")
+    if parts[0] == "ledger" and len(parts) == 4:
+        return f"append {parts[1]}.{parts[3]} to {parts[1]} {parts[2]} (publish to {subject})"
+    api = subject.removeprefix("$JS.API.")
+    for prefix, words in _API_WORDS:
+        if api.startswith(prefix):
+            rest = api[len(prefix):].lstrip(".")
+            return f"{words} {rest}".strip() + f" (publish to {subject})"
+    return f"publish to {subject}"
+
+
+_API_WORDS: Final = (
+    ("STREAM.MSG.DELETE", "delete a message of stream"),
+    ("STREAM.MSG.GET", "read a message of stream"),
+    ("STREAM.PURGE", "purge stream"),
+    ("STREAM.DELETE", "delete stream"),
+    ("STREAM.UPDATE", "update stream"),
+    ("STREAM.CREATE", "create stream"),
+    ("STREAM.INFO", "read the info of stream"),
+    ("DIRECT.GET", "read messages of stream"),
+    ("CONSUMER.DELETE", "delete consumer"),
+    ("CONSUMER.CREATE", "create a consumer on"),
+    ("CONSUMER.DURABLE.CREATE", "create a durable consumer on"),
+    ("CONSUMER.MSG.NEXT", "read from consumer"),
+)
+
+
+def _denied(nc: NATS, text: str) -> None:
+    op, subject, words = describe_denial(text)
+    error = PermissionDenied(f"permission denied: {words}")
+    for listener in list(_listeners.get(nc, ())):
+        listener(subject, error)
+    if op == "publish":  # a request the server dropped (JetStream API, js.publish): fail it now, not at its timeout
+        # nats-py's pending requests do not say their subject: all of this connection's fail (the Publisher's
+        # own appends are told apart by subject above and never wait here)
+        for future in list(getattr(nc, "_resp_map", {}).values()):
+            if not future.done():
+                future.set_exception(error)
 
 
 async def _quiet_cb() -> None:
@@ -156,6 +284,8 @@ async def check_stream(js: JetStreamContext, name: str = STREAM) -> api.StreamIn
     except NotFoundError as exc:
         raise StreamUnavailable(f"stream {name} does not exist on this NATS server: nothing was ever recorded "
                                 "there (start `ledger up` against it first)") from exc
+    except PermissionDenied:
+        raise
     except Exception as exc:
         raise StreamUnavailable(f"cannot read stream {name}: {exc or type(exc).__name__}") from exc
     return note_stream(info)
@@ -280,6 +410,8 @@ class PullReader:
         )
         try:
             info = await self.js.add_consumer(self.stream, config)
+        except PermissionDenied:
+            raise
         except Exception as exc:
             raise StreamUnavailable(f"cannot read stream {self.stream}: {exc or type(exc).__name__}") from exc
         self._consumer = info.name
@@ -536,6 +668,8 @@ async def last_seq_on(js: JetStreamContext, subject: str = "ledger.>", *, name: 
         msg = await js.get_last_msg(name, subject)
     except NotFoundError:
         return 0
+    except PermissionDenied:
+        raise
     except Exception as exc:  # nats-py raises several unrelated types when the server is away
         raise StreamUnavailable(f"cannot read stream {name}: {exc or type(exc).__name__}") from exc
     return int(msg.seq or 0)
@@ -563,6 +697,8 @@ async def read_range(js: JetStreamContext, *, start_seq: int = 1, stop_seq: int 
     reader = PullReader(js, start_seq, stream=name, subject=subject, max_buffer=max_buffer)
     try:
         await reader.start()
+    except PermissionDenied:
+        raise
     except Exception as exc:
         raise StreamUnavailable(f"cannot read stream {name}: {exc or type(exc).__name__}") from exc
     try:
