@@ -165,9 +165,9 @@ def _processes() -> dict[int, tuple[int, str]]:
     return found
 
 
-def leftover_children() -> list[tuple[int, str]]:
+def leftover_children(roots: list[Path] | None = None) -> list[tuple[int, str]]:
     """``nats-server`` and ``ledger`` processes this test process started (at any depth) that still run, and
-    any that names this session's temporary directory (one whose parent died before it)."""
+    any process that names this session's temporary directory (a job's child whose parent died before it)."""
     procs = _processes()
     ours = {os.getpid()}
     grew = True
@@ -175,10 +175,10 @@ def leftover_children() -> list[tuple[int, str]]:
         more = {pid for pid, (ppid, _) in procs.items() if ppid in ours} - ours
         grew = bool(more)
         ours |= more
-    roots = [str(p) for p in _basetemp]
+    names = [f"{p}/" for p in (_basetemp if roots is None else roots)]  # pytest-12/ is not pytest-123/
     return sorted((pid, cmd) for pid, (_, cmd) in procs.items()
-                  if pid != os.getpid() and any(name in cmd for name in _LEFTOVER_NAMES)
-                  and (pid in ours or any(root in cmd for root in roots)))
+                  if pid != os.getpid() and ((pid in ours and any(name in cmd for name in _LEFTOVER_NAMES))
+                                             or any(root in cmd for root in names)))
 
 
 def descendants(pid: int) -> list[int]:
