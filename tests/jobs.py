@@ -89,6 +89,22 @@ def ledger(*args: str, env: dict[str, str], stdin: str | None = None) -> subproc
     return subprocess.run([*LEDGER, *args], env=env, input=stdin, capture_output=True, text=True, timeout=60)
 
 
+def ready_json(proc: subprocess.Popen[str], timeout: float = 60) -> dict[str, Any]:
+    """The JSON ready line ``ledger up --json`` prints, within a generous deadline (a clear failure,
+    with its stderr, if it exits first)."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.1)
+        if ready:
+            line = proc.stdout.readline()
+            if line:
+                return json.loads(line)  # type: ignore[no-any-return]
+        if proc.poll() is not None:
+            raise AssertionError(f"ledger up exited with {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}")
+    raise AssertionError("ledger up did not become ready")
+
+
 class Up:
     """A running ``ledger up`` process and what it printed when ready."""
 
@@ -98,17 +114,7 @@ class Up:
         self.info = self._ready()
 
     def _ready(self, timeout: float = 60) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.1)
-            if ready:
-                line = self.proc.stdout.readline()
-                if line:
-                    return json.loads(line)  # type: ignore[no-any-return]
-            if self.proc.poll() is not None:
-                raise AssertionError(f"ledger up exited: {self.proc.stderr.read() if self.proc.stderr else ''}")
-        raise AssertionError("ledger up did not become ready")
+        return ready_json(self.proc, timeout)
 
     def stop(self, sig: int = signal.SIGINT) -> int:
         from tests.conftest import kill_tree

@@ -25,6 +25,7 @@ from ledger.nats.publisher import Publisher
 from ledger.nats.server import EmbeddedNats, free_port
 from ledger.nats.stream import connect
 from tests.factory import started as started_event
+from tests.jobs import ready_json
 
 LEDGER = str(Path(sys.executable).parent / "ledger")
 HISTORICAL = str(10 * 365 * 86400)
@@ -88,17 +89,7 @@ class LedgerUp:
         self.nats_pids |= set(self.nats_children())
 
     def _ready(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + DEADLINE_S
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.1)
-            if ready:
-                line = self.proc.stdout.readline()
-                if line:
-                    return json.loads(line)  # type: ignore[no-any-return]
-            if self.proc.poll() is not None:
-                raise AssertionError(f"ledger up exited with {self.proc.returncode}: {self.proc.stderr.read()}")  # type: ignore[union-attr]
-        raise AssertionError("ledger up did not become ready")
+        return ready_json(self.proc, DEADLINE_S)
 
     def read_stderr(self) -> str:
         """What ``ledger up`` wrote to stderr so far (read without blocking)."""
