@@ -28,44 +28,25 @@ from ledger.nats.server import free_port
 from ledger.nats.stream import StreamMessage, read_range
 from projections.compact import removable
 from projections.projector import Projector
-from projections.rebuild import rebuild
-from projections.rebuild import _Builder
-from tests.factory import at, dump_views, exited, heartbeat, killed, preempting, run_row, started
+from projections.rebuild import _Builder, rebuild
+from tests.factory import (
+    at,
+    dump_views,
+    exited,
+    heartbeat,
+    killed,
+    preempting,
+    run_row,
+    started,
+)
 from tests.jobs import async_wait_until, run_events, types
 from tests.test_operations import DEADLINE_S, LedgerUp, user_env
 from tests.test_properties import EPOCH, RUN_IDS, heartbeat_rich_lists, record, spaced
-from projections.store import Folded, commit_batch, decode_batch, fold, open_db
-from projections.views import BatchKeys, ViewCache, read_views
-from tests.test_store import project_plainly
+from tests.test_store import project_pipelined, project_plainly
 
 
 def message(seq: int, event: AnyEvent) -> StreamMessage:
     return StreamMessage(seq, EPOCH + timedelta(seconds=seq), subject_of(event), encode_event(event), None, 0)
-
-
-async def project_pipelined(path: Path, msgs: list[StreamMessage], size: int) -> None:
-    """What the projector does (as ``tests.test_store``), on sequences with gaps: batch N+1 read and
-    folded through a read-only connection and a ViewCache of two batches before batch N commits."""
-    db = await open_db(path)
-    lookups = await open_db(path, readonly=True)
-    cache = ViewCache(2 * size)
-    pending: tuple[Folded, int] | None = None
-    last = 0
-    try:
-        for i in range(0, len(msgs), size):
-            batch = msgs[i:i + size]
-            good, bad = decode_batch(batch)
-            views = await read_views(lookups, BatchKeys.of(good), cache)
-            folded = fold(views, good, bad, batch[-1].seq)
-            cache.folded(views)
-            if pending is not None:
-                await commit_batch(db, *pending)
-            pending, last = (folded, last), batch[-1].seq
-        if pending is not None:
-            await commit_batch(db, *pending)
-    finally:
-        await lookups.close()
-        await db.close()
 
 
 def rebuild_file(path: Path, msgs: list[StreamMessage], size: int) -> None:

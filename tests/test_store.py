@@ -125,11 +125,13 @@ def as_messages(events: list[AnyEvent]) -> list[StreamMessage]:
 
 async def project_pipelined(path: Path, msgs: list[StreamMessage], size: int) -> None:
     """What the projector does: batch N+1 read and folded (through a read-only connection and a
-    ViewCache of two batches) before batch N commits."""
+    ViewCache of two batches) before batch N commits, each commit expecting the checkpoint the one
+    before left (sequences may have gaps)."""
     db = await open_db(path)
     lookups = await open_db(path, readonly=True)
     cache = ViewCache(2 * size)
     pending: tuple[Folded, int] | None = None
+    last = 0
     try:
         for i in range(0, len(msgs), size):
             batch = msgs[i:i + size]
@@ -139,7 +141,7 @@ async def project_pipelined(path: Path, msgs: list[StreamMessage], size: int) ->
             cache.folded(views)
             if pending is not None:
                 await commit_batch(db, *pending)
-            pending = (folded, batch[0].seq - 1)
+            pending, last = (folded, last), batch[-1].seq
         if pending is not None:
             await commit_batch(db, *pending)
     finally:
