@@ -37,7 +37,7 @@ async def one_rep(url: str, creds: dict[str, str | None], ca: str | None, events
     from ledger.core import events as ev
     from ledger.nats.publisher import Publisher
     from ledger.nats.stream import STREAM, connect, ensure_stream
-    from projections.projector import Projector
+    from projections.projector.projector import Projector
 
     admin = await connect(url, creds=creds["admin"], ca=ca)
     try:

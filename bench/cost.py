@@ -58,7 +58,7 @@ async def publish(js: Any, events: list[Any]) -> None:
 
 
 async def project(js: Any, db: Path) -> None:
-    from projections.projector import Projector
+    from projections.projector.projector import Projector
 
     await Projector(js, db).run(until_idle=True)
 
@@ -93,7 +93,7 @@ async def bench_views(js: Any, work: Path, runs: int, beats: int, lifecycles: in
     life = [f"life-{i:06d}" for i in range(lifecycles)]
     await publish(js, [make(ev.RunStarted, r, 0, attempt=1) for r in life])
     await publish(js, [make(ev.RunExited, r, 60, attempt=1, exit_code=0) for r in life])
-    from projections.schema import SCHEMA
+    from projections.views.schema import SCHEMA
 
     empty = work / "views-empty.db"
     await project(js, db2)
@@ -111,7 +111,7 @@ async def bench_views(js: Any, work: Path, runs: int, beats: int, lifecycles: in
 async def bench_stream(js: Any, work: Path, beats: int, rate_runs: int, seed: int) -> dict[str, Any]:
     from ledger.core import events as ev
     from ledger.nats.compact import stream_bytes
-    from projections.compact import compact
+    from projections.workers.compaction import compact
 
     make = Events(seed).make
 

@@ -10,7 +10,7 @@ file each time:
    ``ledger.nats.publisher.Publisher`` vs ceiling A: raw nats-py ``js.publish_async``
    of the same pre-encoded payloads; plus a wire ceiling (core ``nc.publish``
    with reply subjects, acks counted), since ``publish_async`` is no ceiling;
-2. projection rate of ``projections.projector.Projector.run(until_idle=True)``
+2. projection rate of ``projections.projector.projector.Projector.run(until_idle=True)``
    vs ceiling B: ``OrderedReader`` (bench/common.py) + ``msgspec`` decode + stdlib
    ``sqlite3.executemany`` of raw rows into one table, 5,000 per transaction
    (and the same with the Projector's own reader class when it uses another).
@@ -372,7 +372,7 @@ async def bench_projector(js: Any, db_path: Path, total: int) -> float:
     otherwise waits forever for messages the reader lost); both that and a checkpoint
     reached with events skipped raise LostEvents.
     """
-    from projections.projector import Projector
+    from projections.projector.projector import Projector
 
     projector = Projector(js, db_path)
     gc.collect()
@@ -424,14 +424,14 @@ def _count(db_path: Path, table: str) -> int:
 
 def projector_reader() -> type:
     """The reader class the project's Projector reads with (the working tree may change it)."""
-    import projections.projector as module
+    import projections.projector.projector as module
     from ledger.nats import stream
 
     for name in ("PullReader",):
         cls = getattr(module, name, None)
         if isinstance(cls, type) and getattr(stream, name, None) is cls:
             return cast(type, cls)
-    raise RuntimeError("cannot tell which ledger.nats.stream reader projections.projector uses")
+    raise RuntimeError("cannot tell which ledger.nats.stream reader projections.projector.projector uses")
 
 
 async def bench_raw_projector(js: Any, db_path: Path, total: int, reader_cls: type | None = None) -> float:
@@ -487,7 +487,7 @@ def _http_client(base_url: str, ids: list[str], warmup: int, conn: Any) -> None:
 async def bench_api(db_path: Path, ids: list[str], warmup: int) -> tuple[float, float, int]:
     """Serve the API in this process's loop; a separate process does the GETs. Returns p50, p99 (ms), failures."""
     from ledger.nats.server import free_port
-    from projections.api import ApiState, api_server
+    from projections.http.api import ApiState, api_server
 
     port = free_port()
     server = api_server(ApiState(db_path=db_path), "127.0.0.1", port)

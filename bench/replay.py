@@ -7,7 +7,7 @@ does not grow with the stream) it publishes the realistic event mix of
 ``bench/foundation.py`` (from this process), then measures in fresh child
 processes, one per measurement, alternating the order across ``--reps``:
 
-- replay: ``projections.rebuild.replay`` into a data dir (rebuild from seq 1
+- replay: ``projections.audit.rebuild.replay`` into a data dir (rebuild from seq 1
   into a new generation file, indexes, fsync, symlink swap), as
   ``ledger replay`` runs it;
 - ceiling: the same ``OrderedReader`` + ``msgspec`` decode + stdlib
@@ -52,7 +52,7 @@ from common import RawCeiling, cpu_model, nats_server_version, progress_printer,
 
 async def child_replay(url: str, work: Path, expected: int) -> dict[str, Any]:
     from ledger.nats.stream import connect
-    from projections.rebuild import replay
+    from projections.audit.rebuild import replay
 
     nc = await connect(url, name="bench-replay", reconnect=False)
     try:

@@ -44,7 +44,7 @@ TARGET_MS = 200.0
 def build_views(path: Path, n_runs: int) -> None:
     """A views database of ``n_runs`` runs and their sweeps, with the projector's schema."""
     from ledger.core.machine import RUN_STATES, Run, Sweep
-    from projections.schema import (
+    from projections.views.schema import (
         SCHEMA,
         UPSERT_RUNS,
         UPSERT_SWEEPS,
@@ -84,7 +84,7 @@ async def measure_app(path: Path, reps: int) -> dict[str, float]:
 
     import httpx
 
-    from projections.api import ApiState, create_app
+    from projections.http.api import ApiState, create_app
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
     state = ApiState(path)
@@ -129,7 +129,7 @@ RAW = "raw sqlite3, same page + count"
 
 def raw_page(path: Path) -> Callable[[], float]:
     """The page's two queries (the same SQL) in stdlib sqlite3, fetching rows: seconds per call."""
-    from projections.web.listing import _KEY, page_sql
+    from projections.views.listing import _KEY, page_sql
 
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     page = page_sql([], f"{_KEY} DESC, run_id DESC")

@@ -25,8 +25,8 @@ from nats.js.errors import NotFoundError
 from ledger.nats.publisher import Publisher
 from ledger.nats.server import EmbeddedNats, free_port
 from ledger.nats.stream import STREAM, connect, ensure_stream
-from projections.api import ApiState, api_server
-from projections.projector import Projector, SeqNotifier
+from projections.http.api import ApiState, api_server
+from projections.projector.projector import Projector, SeqNotifier
 
 DEADLINE_S = 60.0
 """How long a fixture waits for a condition (a worker started, a server serving, a worker stopped)."""

@@ -18,8 +18,8 @@ from nats.js import JetStreamContext
 from ledger.core import events as ev
 from ledger.nats.publisher import Publisher
 from ledger.nats.server import free_port
-from projections.api import ApiServer, ApiState, api_server
-from projections.projector import Projector, SeqNotifier
+from projections.http.api import ApiServer, ApiState, api_server
+from projections.projector.projector import Projector, SeqNotifier
 from tests.conftest import Started, stop_task
 
 CHROMIUM = "/usr/bin/chromium"

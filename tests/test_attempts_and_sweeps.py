@@ -27,12 +27,12 @@ from ledger.nats.entity import implied_by
 from ledger.nats.publisher import Publisher
 from ledger.nats.server import free_port
 from ledger.nats.stream import STREAM, connect, ensure_stream, stream_last_seq
-from projections import queries
-from projections.compare import verify
-from projections.projector import Projector
-from projections.rebuild import rebuild
-from projections.store import apply_batch, open_db
-from projections.timeline import AsOf, sweep_as_of
+from projections.audit.compare import verify
+from projections.audit.rebuild import rebuild
+from projections.audit.timeline import AsOf, sweep_as_of
+from projections.projector.projector import Projector
+from projections.views import queries
+from projections.views.store import apply_batch, open_db
 from tests.factory import at, dump_views, exited, heartbeat, preempting, started, sweep
 from tests.jobs import Up, ledger, ledger_run, wait_until
 

@@ -23,8 +23,8 @@ from ledger.core import events as ev
 from ledger.core.events import encode_event, subject_of
 from ledger.nats.publisher import Publisher
 from ledger.nats.server import free_port
-from projections.projector import Projector
-from projections.timeline import run_timeline
+from projections.audit.timeline import run_timeline
+from projections.projector.projector import Projector
 from tests.conftest import kill_tree
 from tests.factory import (
     at,

@@ -26,9 +26,9 @@ from ledger.jobs.sync_client import Ledger
 from ledger.nats.publisher import Publisher
 from ledger.nats.server import free_port
 from ledger.nats.stream import StreamMessage, read_range
-from projections.compact import removable
-from projections.projector import Projector
-from projections.rebuild import _Builder, rebuild
+from projections.audit.rebuild import _Builder, rebuild
+from projections.projector.projector import Projector
+from projections.workers.compaction import removable
 from tests.factory import (
     at,
     dump_views,

@@ -14,7 +14,7 @@ from pathlib import Path
 from nats.js import JetStreamContext
 
 from ledger.nats.publisher import Publisher
-from projections.projector import Projector
+from projections.projector.projector import Projector
 from tests.factory import dump_views, exited, heartbeat, killed, preempting, started
 
 

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ledger.nats.server import free_port
-from projections.api import ApiState, api_server
+from projections.http.api import ApiState, api_server
 
 TOKEN = "fuzz-token-0123456789"
 SKIP = {"/web/events"}  # a server-sent event stream: it never ends by itself

@@ -449,7 +449,7 @@ class TestLedgerClock:
         )
         from ledger.nats.publisher import Publisher
         from ledger.nats.stream import read_range
-        from projections.store import decode_batch
+        from projections.views.store import decode_batch
 
         forged = ev.RunStarted(id=new_id(), at=ev_now(), run_id="forged", attempt=1)
         publisher = Publisher(nc)

@@ -13,8 +13,8 @@ from nats.js import JetStreamContext
 
 from ledger.core import events as ev
 from ledger.nats.publisher import Publisher
-from projections.projector import Projector, SeqNotifier
-from projections.reactors import Monitor
+from projections.projector.projector import Projector, SeqNotifier
+from projections.workers.reactors import Monitor
 from tests.factory import run_row
 from tests.jobs import async_wait_until, run_events
 

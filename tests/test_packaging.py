@@ -133,7 +133,7 @@ class TestWheel:
     def test_installed_not_editable(self, installed: Installed) -> None:
         """The venv imports ledger and projections from its own site-packages, not from the source tree."""
         done = subprocess.run([str(installed.venv / "bin" / "python"), "-c",
-                               "import ledger.cli.query, projections.api; print(ledger.__file__)"],
+                               "import ledger.cli.query, projections.http.api; print(ledger.__file__)"],
                               cwd=installed.home, env=installed.env(), capture_output=True, text=True, timeout=60)
         assert 0 == done.returncode, done.stderr
         assert Path(done.stdout.strip()).is_relative_to(installed.venv)

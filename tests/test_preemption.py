@@ -12,9 +12,9 @@ from nats.js import JetStreamContext
 
 from ledger.core import events as ev
 from ledger.nats.publisher import Publisher
-from projections.projector import Projector
-from projections.queries import sweep_queue
-from projections.store import open_db
+from projections.projector.projector import Projector
+from projections.views.queries import sweep_queue
+from projections.views.store import open_db
 from tests.factory import at
 from tests.jobs import job_env, ledger_run, run_events, types, wait_until
 

@@ -13,8 +13,8 @@ from nats.js import JetStreamContext
 
 from ledger.core import events as ev
 from ledger.nats.publisher import Publisher
-from projections.projector import Projector
-from projections.store import STOP_WAIT_S
+from projections.projector.projector import Projector
+from projections.views.store import STOP_WAIT_S
 from tests.conftest import Started, stop_task
 from tests.factory import (
     dump_views,

@@ -47,7 +47,7 @@ from ledger.core.machine import (
     evolve_sweep,
     used_attempt,
 )
-from projections.views import BatchKeys
+from projections.views.lookups import BatchKeys
 
 ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-"
 EVENT_ID_PATTERN = mi.type_info(RunStarted).fields[0].type.pattern  # type: ignore[attr-defined]

@@ -12,8 +12,8 @@ from ledger.core import events as ev
 from ledger.errors import CommandRefused
 from ledger.nats.control import change_sweep, claim_next, kill_run
 from ledger.nats.publisher import Publisher
-from projections.projector import Projector
-from projections.reactors import Monitor, SweepReactor
+from projections.projector.projector import Projector
+from projections.workers.reactors import Monitor, SweepReactor
 from tests.factory import at, exited, heartbeat, preempting, run_row, started, sweep
 from tests.jobs import run_events, types
 

@@ -37,14 +37,14 @@ from ledger.nats.stream import (
     read_range,
     recorded_at_of,
 )
-from projections import queries
-from projections.api import ApiState, api_server
-from projections.compare import verify
-from projections.projector import Projector, SeqNotifier
-from projections.rebuild import rebuild
-from projections.schema import run_from_row
-from projections.store import open_db
-from projections.timeline import AsOf, run_as_of, sweep_as_of
+from projections.audit.compare import verify
+from projections.audit.rebuild import rebuild
+from projections.audit.timeline import AsOf, run_as_of, sweep_as_of
+from projections.http.api import ApiState, api_server
+from projections.projector.projector import Projector, SeqNotifier
+from projections.views import queries
+from projections.views.schema import run_from_row
+from projections.views.store import open_db
 from tests.factory import (
     dump_views,
     exited,
@@ -419,7 +419,7 @@ def build(kind: str, run: str, k: int, attempt: int) -> tuple[str, bytes, bool]:
         made = ev.RunCrashed(id=f"e{k}", at=_at(t), run_id=run, reason="heartbeat-timeout", last_heartbeat_at=_at(t - 2))
     elif kind == "stale":
         made = heartbeat(run, t=t, id=f"e{k}", attempt=attempt + 3)
-    elif kind == "duplicate":  # the run's own repeated id (ids are unique across runs: see projections.timeline)
+    elif kind == "duplicate":  # the run's own repeated id (ids are unique across runs: see projections.audit.timeline)
         made = heartbeat(run, t=t, id=f"dup-{run}", attempt=attempt)
         return subject_of(made), encode_event(made), False  # beyond the dedup window: stored again
     elif kind == "bad":
@@ -510,7 +510,7 @@ class TestAsOf:
 def test_replay_json_row_shape_is_the_runs_row() -> None:
     """The schema's row codecs round-trip (the rebuild writes through them)."""
     from ledger.core.machine import Run
-    from projections.schema import run_row
+    from projections.views.schema import run_row
     from tests.factory import T0
 
     run = Run(run_id="r1", created_at=T0, preempting=True, step=3)

@@ -29,9 +29,9 @@ from ledger.core.machine import Run, evolve, new_run
 from ledger.jobs.schedulers import SETTLE_S, Verdict, detect
 from ledger.jobs.schedulers.slurm import Slurm, classify, oom_kills
 from ledger.nats.server import EmbeddedNats, free_port
-from projections.projector import Projector
-from projections.queries import history
-from projections.store import open_db
+from projections.projector.projector import Projector
+from projections.views.queries import history
+from projections.views.store import open_db
 from tests.factory import at, exited, heartbeat, preempting, started
 from tests.jobs import async_wait_until, job_env, ledger_run, run_events, run_state
 

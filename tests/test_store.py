@@ -25,8 +25,9 @@ from ledger.core.events import AnyEvent, encode_event, subject_of
 from ledger.core.fold import Entry, Views
 from ledger.core.machine import RUN_STATES, Run
 from ledger.nats.stream import StreamMessage
-from projections.schema import SCHEMA, entry_from_row, run_from_row
-from projections.store import (
+from projections.views.lookups import BatchKeys, ViewCache, read_views
+from projections.views.schema import SCHEMA, entry_from_row, run_from_row
+from projections.views.store import (
     CheckpointMoved,
     Folded,
     apply_batch,
@@ -36,7 +37,6 @@ from projections.store import (
     fold,
     open_db,
 )
-from projections.views import BatchKeys, ViewCache, read_views
 from tests.factory import dump_views, exited, heartbeat, started
 from tests.test_properties import EPOCH, event_lists
 

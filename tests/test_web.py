@@ -18,8 +18,8 @@ from ledger.core import events as ev
 from ledger.nats.publisher import Publisher
 from ledger.nats.server import free_port
 from ledger.nats.stream import PullReader, stream_last_seq
-from projections.auth import is_loopback
-from projections.projector import Projector
+from projections.http.auth import is_loopback
+from projections.projector.projector import Projector
 from tests.factory import exited, heartbeat, started, sweep
 from tests.jobs import Up, ledger, run_events, types
 from tests.serving import CHROMIUM, CHROMIUM_ARGS, seed_demo, serve

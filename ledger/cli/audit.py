@@ -57,7 +57,7 @@ def audit(run_id: str, nats_url: str | None, as_json: bool) -> None:
     of another attempt, a stale crash, or a no-op; quarantined messages on the
     run's subjects are listed too. The same data as GET /runs/RUN_ID/events.
     """
-    from projections.timeline import run_timeline
+    from projections.audit.timeline import run_timeline
 
     found = asyncio.run(_with_stream(nats_url, lambda js: run_timeline(js, run_id)))
     if not found.events:
@@ -101,7 +101,7 @@ def replay(data_dir: Path, nats_url: str | None, to_seq: int | None, as_json: bo
     N); to keep views at N, stop `ledger up` first.
     """
     from ledger.cli.progress import progress_bar
-    from projections.rebuild import replay as run_replay
+    from projections.audit.rebuild import replay as run_replay
 
     async def work(js: Any) -> Any:
         from ledger.nats.stream import last_seq_on
@@ -166,7 +166,7 @@ def verify(data_dir: Path, nats_url: str | None, as_json: bool) -> None:
     differences are printed: table, key, columns), 1 an error.
     """
     from ledger.cli.progress import progress_bar
-    from projections.compare import verify as run_verify
+    from projections.audit.compare import verify as run_verify
 
     async def work(js: Any) -> Any:
         import sqlite3

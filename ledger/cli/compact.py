@@ -72,8 +72,8 @@ def compact(data_dir: Path, nats_url: str | None, older_than: float, dry_run: bo
     Needs the admin role on a ledger with credentials. Prints what it freed.
     """
     with needs_server("compact"):
-        from projections.compact import compact as run_compact
-        from projections.compact import human_bytes
+        from projections.workers.compaction import compact as run_compact
+        from projections.workers.compaction import human_bytes
 
     from ledger.cli.progress import progress_bar
     from ledger.nats.stream import check_stream, connect

@@ -46,9 +46,9 @@ def up(data_dir: Path, nats_url: str | None, nats_port: int, http: str, heartbea
        nats_tls_cert: str | None, nats_tls_key: str | None, as_json: bool) -> None:
     """Run the ledger: embedded NATS (unless --nats-url), stream, projector and HTTP API."""
     with needs_server("up"):
-        import projections.api  # noqa: F401  (the API and its server: the extra's libraries, checked up front)
-        from projections.up import UpSettings
-        from projections.up import up as run_up
+        import projections.http.api  # noqa: F401  (the API and its server: the extra's libraries, checked up front)
+        from projections.service import UpSettings
+        from projections.service import up as run_up
 
     def ready(info: dict[str, object]) -> None:
         if as_json:
@@ -85,7 +85,7 @@ def projector(data_dir: Path, nats_url: str | None, until_idle: bool, as_json: b
     from ledger.nats.stream import DEFAULT_NATS_URL, connect, ensure_stream
 
     with needs_server("projector"):
-        from projections.projector import Projector
+        from projections.projector.projector import Projector
 
     def say(line: str) -> None:
         print(f"ledger projector: {line}", file=sys.stderr, flush=True)
@@ -133,7 +133,7 @@ def monitor(data_dir: Path, nats_url: str | None, heartbeat_timeout: float, inte
     from ledger.nats.stream import DEFAULT_NATS_URL, connect
 
     with needs_server("monitor"):
-        from projections.reactors import Monitor, SweepReactor
+        from projections.workers.reactors import Monitor, SweepReactor
 
     async def go() -> dict[str, int]:
         nc = await connect(nats_url or DEFAULT_NATS_URL)

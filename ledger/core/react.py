@@ -2,7 +2,7 @@
 
 Pure functions of a run or sweep (as the views hold it) and ``now``: crash on
 silence, kill on cancel, finish on stopped-and-done. The reactors in
-``projections.reactors`` only find candidates (through indexes) and append
+``projections.workers.reactors`` only find candidates (through indexes) and append
 what these return; the audit explains a crash with the same rules.
 
 Every derived event has a deterministic id (``derived_id``) made of recorded

@@ -20,7 +20,7 @@ from litestar.params import FromPath
 from ledger.errors import InvalidEvent, LedgerError, StreamUnavailable
 from ledger.nats import control
 from ledger.nats.publisher import Publisher
-from projections.auth import same_origin
+from projections.http.auth import same_origin
 from projections.web.pages import actions_allowed
 
 SWEEP_VERBS: Final = ("pause", "resume", "stop", "cancel")

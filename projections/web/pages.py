@@ -29,10 +29,12 @@ from ledger.core.events import ENTITY_ID_RE, RunStarted, decode_event
 from ledger.core.machine import RUN_STATES, TERMINAL
 from ledger.errors import InvalidEvent, StreamUnavailable
 from ledger.nats.stream import read_range
-from projections import queries, timeline
-from projections.auth import COOKIE, token_matches
-from projections.store import read_checkpoint
-from projections.web import listing, render
+from projections.audit import timeline
+from projections.http.auth import COOKIE, token_matches
+from projections.views import listing
+from projections.views import queries
+from projections.views.store import read_checkpoint
+from projections.web import render
 from projections.web.render import esc, href
 
 PAGE_SIZE: Final = 100

@@ -13,7 +13,7 @@ from typing import Final, Literal
 import aiosqlite
 
 from ledger.core.machine import Run
-from projections.schema import RUN_COLUMNS, run_from_row
+from projections.views.schema import RUN_COLUMNS, run_from_row
 
 Sort = Literal["run_id", "started"]
 SORTS: Final = ("run_id", "started")
@@ -63,7 +63,7 @@ async def list_runs(db: aiosqlite.Connection, *, sweep: str | None = None, state
                     limit: int = 100, after: str | None = None) -> tuple[list[Run], str | None]:
     """One page of runs and the cursor of the next (None on the last page).
 
-    ``since`` is fixed-width RFC 3339 UTC text (``projections.schema.iso``):
+    ``since`` is fixed-width RFC 3339 UTC text (``projections.views.schema.iso``):
     runs started (or created, if not started) at or after it.
     """
     where, args = _filters(sweep, state, prefix, since)

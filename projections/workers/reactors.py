@@ -37,8 +37,8 @@ from ledger.core.machine import ALIVE, NON_TERMINAL, SWEEP_REACTING, Run
 from ledger.core.react import crash_on_silence, finish_when_done, kill_on_cancel
 from ledger.errors import LedgerError
 from ledger.nats.publisher import Publisher
-from projections.projector import SeqNotifier
-from projections.schema import (
+from projections.projector.projector import SeqNotifier
+from projections.views.schema import (
     RECORDED_RUN_COLUMNS,
     RUN_COLUMNS,
     SWEEP_COLUMNS,
@@ -47,7 +47,7 @@ from projections.schema import (
     run_from_row,
     sweep_from_row,
 )
-from projections.store import open_db
+from projections.views.store import open_db
 
 Clock = Callable[[], datetime]
 SUPPRESS_S = 10.0

@@ -5,7 +5,7 @@ A crash at any point leaves either the whole batch and its checkpoint, or
 neither: nothing is lost and nothing is applied twice. ``write_batch`` is
 the one way a folded batch and its checkpoint reach SQLite: the projector
 (``commit_batch``, in aiosqlite's thread), ``apply_batch`` and the rebuild
-(``projections.rebuild``, on its own connection) all write through it.
+(``projections.audit.rebuild``, on its own connection) all write through it.
 
 Errors are told apart by SQLite's result code (``sqlite_code``), never by
 their message: SQLITE_BUSY/LOCKED is another writer (wait and try again),
@@ -30,7 +30,8 @@ from ledger.core.events import decode_event
 from ledger.core.fold import Recorded, Views
 from ledger.errors import InvalidEvent
 from ledger.nats.stream import StreamMessage, recorded_at_of
-from projections.schema import (
+from projections.views.lookups import BatchKeys, read_views
+from projections.views.schema import (
     BATCH_WRITER,
     INSERT_ENTRIES,
     INSERT_ENTRY,
@@ -45,7 +46,6 @@ from projections.schema import (
     run_row,
     sweep_row,
 )
-from projections.views import BatchKeys, read_views
 
 INSERT_QUARANTINE: Final = (
     "INSERT OR REPLACE INTO quarantine (seq, subject, reason, raw, recorded_at) VALUES (?, ?, ?, ?, ?)")

@@ -20,7 +20,7 @@ import msgspec
 from nats.js import JetStreamContext
 
 from ledger.errors import LedgerError
-from projections.rebuild import Progress, rebuild
+from projections.audit.rebuild import Progress, rebuild
 
 TABLES: Final[dict[str, tuple[str, ...]]] = {
     "runs": ("run_id",),

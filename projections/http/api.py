@@ -5,7 +5,7 @@ the projection has applied that stream sequence, or 504.
 
 ``GET /runs/{id}?as_of=TIME|as_of_seq=N`` (and the same for sweeps) and
 ``GET /runs/{id}/events`` (the audit trail) are answered from the stream, by
-reading the run's own subjects (``projections.timeline``), not from the views.
+reading the run's own subjects (``projections.audit.timeline``), not from the views.
 
 When ``ledger replay`` swaps a rebuilt views database in, the next request
 notices (one stat of the path) and reopens it; requests already running
@@ -13,7 +13,7 @@ finish on the old one.
 
 The same app serves the web view (``projections.web``, CONTRACT section 8),
 the OpenAPI document at ``/schema``, and, with an HTTP token, guards every
-route but ``/health`` and ``/metrics`` (``projections.auth``).
+route but ``/health`` and ``/metrics`` (``projections.http.auth``).
 """
 
 from __future__ import annotations
@@ -51,17 +51,18 @@ from ledger.core.fold import Entry
 from ledger.core.machine import RUN_STATES, Run
 from ledger.errors import StreamUnavailable
 from ledger.nats.topology import cluster_status
-from projections import queries, timeline
-from projections.auth import TokenMiddleware, is_loopback
-from projections.metrics import REGISTRY
-from projections.projector import SeqNotifier
-from projections.schema import iso
-from projections.store import file_identity, open_db, read_checkpoint
-from projections.timeline import AsOf
+from projections.audit import timeline
+from projections.audit.timeline import AsOf
+from projections.http.apidocs import RouteListPlugin
+from projections.http.auth import TokenMiddleware, is_loopback
+from projections.projector.metrics import REGISTRY
+from projections.projector.projector import SeqNotifier
+from projections.views import queries
+from projections.views.listing import SORTS, BadCursor
+from projections.views.listing import list_runs as list_runs_sorted
+from projections.views.schema import iso
+from projections.views.store import file_identity, open_db, read_checkpoint
 from projections.web import web_routes
-from projections.web.apidocs import RouteListPlugin
-from projections.web.listing import SORTS, BadCursor
-from projections.web.listing import list_runs as list_runs_sorted
 
 T = TypeVar("T")
 
@@ -78,7 +79,7 @@ class ApiState:
     retired: list[tuple[float, aiosqlite.Connection]] = field(default_factory=list)
     reopening: asyncio.Lock = field(default_factory=asyncio.Lock)
     http_token: str | None = None
-    """With a token, every route but /health and /metrics needs it (``projections.auth``)."""
+    """With a token, every route but /health and /metrics needs it (``projections.http.auth``)."""
     loopback: bool = True
     """Whether the API listens on loopback only (the web view's actions need this or a token)."""
     closing: bool = False

@@ -16,7 +16,7 @@ import aiosqlite
 from ledger.core.events import RunEvent
 from ledger.core.fold import Recorded, Views, naming_sweep
 from ledger.core.machine import Run, Sweep
-from projections.schema import json_param, recorded_run_from_row, sweep_from_row
+from projections.views.schema import json_param, recorded_run_from_row, sweep_from_row
 
 V = TypeVar("V")
 

@@ -11,7 +11,7 @@ import msgspec
 from ledger.core.fold import Entry
 from ledger.core.machine import RUN_STATES, Run, Sweep
 from ledger.core.shapes import SweepView
-from projections.schema import RUN_COLUMNS, entry_from_row, run_from_row
+from projections.views.schema import RUN_COLUMNS, entry_from_row, run_from_row
 
 MAX_LIMIT: Final = 1000
 

@@ -57,8 +57,8 @@ from ledger.core.machine import Run
 from ledger.errors import InvalidEvent, LedgerError
 from ledger.nats.compact import delete_messages, purge_before, stored_size, stream_bytes
 from ledger.nats.stream import StreamMessage, read_range, recorded_at_of
-from projections.schema import iso, json_param
-from projections.store import open_db, read_checkpoint
+from projections.views.schema import iso, json_param
+from projections.views.store import open_db, read_checkpoint
 
 COMPACTED: Final = """
 CREATE TABLE IF NOT EXISTS compacted (run_id TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;

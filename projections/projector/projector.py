@@ -37,8 +37,9 @@ from nats.js import JetStreamContext
 
 from ledger.errors import StreamUnavailable
 from ledger.nats.stream import PullReader, StreamMessage, stream_last_seq
-from projections import metrics
-from projections.store import (
+from projections.projector import metrics
+from projections.views.lookups import BatchKeys, ViewCache, read_views
+from projections.views.store import (
     CheckpointMoved,
     Decoded,
     Folded,
@@ -52,7 +53,6 @@ from projections.store import (
     read_checkpoint,
     sqlite_code,
 )
-from projections.views import BatchKeys, ViewCache, read_views
 
 CACHE_ENTITIES = 10_000
 """Runs (and sweeps) the projector keeps in memory between batches, at least."""

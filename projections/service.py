@@ -25,7 +25,7 @@ from nats.errors import Error as NatsError
 from ledger.errors import LedgerError
 from ledger.nats.server import EmbeddedNats, check_port_free
 from ledger.nats.stream import connect, ensure_stream
-from projections.auth import is_loopback
+from projections.http.auth import is_loopback
 
 LOCK_FILE = "ledger.lock"
 SHUTDOWN_S = 10.0
@@ -148,10 +148,10 @@ async def up(settings: UpSettings, on_ready: Callable[[dict[str, object]], None]
 async def _serve(settings: UpSettings, url: str, embedded: EmbeddedNats | None, host: str, port: int,
                  signals: AsyncIterator[int], on_ready: Callable[[dict[str, object]], None]) -> None:
     from ledger.nats.publisher import Publisher
-    from projections.api import ApiState, api_server
-    from projections.compact import compact_every
-    from projections.projector import Projector, SeqNotifier
-    from projections.reactors import Monitor, SweepReactor
+    from projections.http.api import ApiState, api_server
+    from projections.workers.compaction import compact_every
+    from projections.projector.projector import Projector, SeqNotifier
+    from projections.workers.reactors import Monitor, SweepReactor
 
     stopping = False
 
@@ -214,7 +214,7 @@ async def _check_views(db_path: Path) -> None:
     start leaves no room for its shared-memory file) is one clear line, not a failed startup."""
     import aiosqlite
 
-    from projections.store import open_db
+    from projections.views.store import open_db
 
     try:
         db = await open_db(db_path)

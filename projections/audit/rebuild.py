@@ -38,9 +38,9 @@ from nats.js import JetStreamContext
 
 from ledger.errors import LedgerError
 from ledger.nats.stream import StreamMessage, last_seq_on, read_range
-from projections.schema import BATCH_WRITER, RUN_INDEXES, SCHEMA
-from projections.store import decode_batch, fold, write_batch
-from projections.views import BatchKeys, ViewCache
+from projections.views.lookups import BatchKeys, ViewCache
+from projections.views.schema import BATCH_WRITER, RUN_INDEXES, SCHEMA
+from projections.views.store import decode_batch, fold, write_batch
 
 VIEWS: Final = "views.db"
 GENERATION_RE: Final = re.compile(r"^views-(\d+)\.db$")

@@ -1,0 +1,2 @@
+"""The HTTP read API (``api``, Litestar), its token (``auth``) and its OpenAPI route list
+(``apidocs``)."""

@@ -1,0 +1,2 @@
+"""The projector: folds the stream into the views from its own checkpoint (``projector``), and
+the figures it exports (``metrics``)."""
